@@ -1,0 +1,220 @@
+"""The doctor runner: the doctor LM with its own paged KV cache, stepped once per engine step.
+
+Each guided request owns one *stream* per doctor (two for a LoRA doctor under the delta
+rule: adapter on and adapter off). A step feeds every stream only the tokens it gained since
+its last step, all streams in one batched forward, and returns each stream's next-token
+log-probabilities. Keys and values live in a block pool sized by a token budget, so memory
+follows the tokens actually cached, and a finished request's blocks go back to the pool.
+
+The forward is written out for the Llama family of decoders (Llama, Qwen2, Qwen3, Mistral):
+the module's own weights, norms, rotary embedding and MLP, with attention over the pool.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ADAPTER_OFF = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
+
+
+class DoctorCacheFull(RuntimeError):
+    """The doctor's KV budget cannot hold these streams; they are listed in ``streams``."""
+
+    def __init__(self, streams: list[int], budget_tokens: int):
+        super().__init__(f"llmdoctor: doctor KV cache full ({budget_tokens} tokens) for {len(streams)} stream(s)")
+        self.streams = streams
+
+
+@dataclass
+class _Decoder:
+    """The pieces of a Llama-family causal LM the runner drives."""
+
+    embed: torch.nn.Module
+    layers: list
+    norm: torch.nn.Module
+    rotary: torch.nn.Module
+    lm_head: torch.nn.Module
+    apply_rope: callable
+    lora: bool
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def _unwrap(model) -> _Decoder:
+    lora = hasattr(model, "peft_config")
+    lm = model.get_base_model() if lora else model
+    inner = getattr(lm, "model", None)
+    layers = getattr(inner, "layers", None)
+    if inner is None or layers is None or not hasattr(inner, "rotary_emb"):
+        raise ValueError(f"llmdoctor: unsupported doctor architecture {type(lm).__name__} (Llama-family decoders only)")
+    attn = layers[0].self_attn
+    cfg = lm.config
+    if getattr(cfg, "use_sliding_window", False) and getattr(cfg, "sliding_window", None):
+        raise ValueError("llmdoctor: doctors with sliding-window attention are not supported")
+    head_dim = getattr(attn, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    module = sys.modules[type(attn).__module__]
+    return _Decoder(
+        embed=inner.embed_tokens,
+        layers=list(layers),
+        norm=inner.norm,
+        rotary=inner.rotary_emb,
+        lm_head=lm.lm_head,
+        apply_rope=module.apply_rotary_pos_emb,
+        lora=lora,
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=cfg.num_key_value_heads,
+        head_dim=head_dim,
+    )
+
+
+def _linear(module, x, adapter_names):
+    """Calls a (possibly LoRA-wrapped) linear layer, mixing adapters by row when asked."""
+    if adapter_names is None or not hasattr(module, "lora_A"):
+        return module(x)
+    return module(x, adapter_names=adapter_names)
+
+
+class DoctorRunner:
+    """Steps one doctor LM over many streams with an incremental, paged KV cache.
+
+    ``cache_tokens`` is the KV budget (in tokens, over all streams); ``max_streams`` the most
+    streams alive at once; ``max_len`` the longest stream.
+    """
+
+    def __init__(self, model, *, device, dtype, cache_tokens: int, max_streams: int, max_len: int,
+                 block_size: int = 16):
+        self.model = model
+        self.dec = _unwrap(model)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_blocks = max(1, cache_tokens // block_size)
+        self.budget_tokens = self.num_blocks * block_size
+        self.trash = self.num_blocks * block_size  # one extra row that padding writes into
+        nl, kvh, hd = len(self.dec.layers), self.dec.num_kv_heads, self.dec.head_dim
+        self.kv = torch.zeros((nl, 2, self.trash + 1, kvh, hd), device=self.device, dtype=dtype)
+        self.max_blocks_per_stream = -(-max_len // block_size)
+        self.block_table = np.zeros((max_streams, self.max_blocks_per_stream), dtype=np.int64)
+        self.num_stream_blocks = np.zeros(max_streams, dtype=np.int64)
+        self.lengths = np.zeros(max_streams, dtype=np.int64)  # tokens cached per stream
+        self.free_streams = list(range(max_streams - 1, -1, -1))
+        self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
+        self.vocab_width = self.dec.lm_head.weight.shape[0]
+
+    @property
+    def kv_bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+    def occupancy(self) -> tuple[int, int]:
+        """``(live streams, blocks in use)``: both return to zero when no request is guided."""
+        return (len(self.block_table) - len(self.free_streams), self.num_blocks - len(self.free_blocks))
+
+    def new_stream(self) -> int:
+        """An empty stream id (its cache starts clean)."""
+        if not self.free_streams:
+            raise DoctorCacheFull([], self.budget_tokens)
+        sid = self.free_streams.pop()
+        self.lengths[sid] = 0
+        self.num_stream_blocks[sid] = 0
+        return sid
+
+    def free_stream(self, sid: int) -> None:
+        """Gives the stream's blocks back to the pool."""
+        nb = int(self.num_stream_blocks[sid])
+        self.free_blocks.extend(self.block_table[sid, :nb].tolist())
+        self.num_stream_blocks[sid] = 0
+        self.lengths[sid] = 0
+        self.free_streams.append(sid)
+
+    def _reserve(self, sids: np.ndarray, totals: np.ndarray) -> None:
+        need = -(-totals // self.block_size) - self.num_stream_blocks[sids]
+        short = [int(s) for s, k, t in zip(sids, need, totals) if k > 0 and (
+            t > self.max_blocks_per_stream * self.block_size)]
+        if short or need.clip(min=0).sum() > len(self.free_blocks):
+            # Say which streams would not fit; the caller drops their guidance.
+            over = short or [int(s) for s, k in zip(sids, need) if k > 0]
+            raise DoctorCacheFull(over, self.budget_tokens)
+        for s, k in zip(sids[need > 0], need[need > 0]):
+            start = self.num_stream_blocks[s]
+            got = [self.free_blocks.pop() for _ in range(int(k))]
+            self.block_table[s, start:start + k] = got
+            self.num_stream_blocks[s] = start + k
+
+    @torch.inference_mode()
+    def step(self, sids: np.ndarray, new_tokens: list, adapter_off: np.ndarray | None = None) -> torch.Tensor:
+        """Feeds each stream its new tokens; returns ``[len(sids), vocab]`` float32 log-probs.
+
+        ``new_tokens[i]`` is a sequence of token ids that stream ``sids[i]`` gained since its
+        last step. ``adapter_off[i]`` runs that row with the LoRA adapter switched off.
+        """
+        sids = np.asarray(sids, dtype=np.int64)
+        n = np.fromiter((len(t) for t in new_tokens), dtype=np.int64, count=len(new_tokens))
+        cached = self.lengths[sids]
+        totals = cached + n
+        self._reserve(sids, totals)
+        S, T, L = len(sids), int(n.max()), int(totals.max())
+        bs = self.block_size
+
+        valid = np.arange(T)[None, :] < n[:, None]
+        ids = np.zeros((S, T), dtype=np.int64)
+        ids[valid] = np.fromiter((t for row in new_tokens for t in row), dtype=np.int64, count=int(n.sum()))
+        pos = cached[:, None] + np.arange(T)[None, :]
+        tables = self.block_table[sids]
+        pos_c = np.minimum(pos, self.max_blocks_per_stream * bs - 1)
+        write = np.take_along_axis(tables, pos_c // bs, axis=1) * bs + pos_c % bs
+        write = np.where(valid, write, self.trash)
+        kpos = np.arange(L)
+        read = tables[:, kpos // bs] * bs + kpos % bs  # [S, L]; past a stream's end: masked
+
+        dev = self.device
+        ids_t = torch.from_numpy(ids).to(dev)
+        pos_t = torch.from_numpy(pos).to(dev)
+        write_t = torch.from_numpy(write.reshape(-1)).to(dev)
+        read_t = torch.from_numpy(read.reshape(-1)).to(dev)
+        mask = (torch.arange(L, device=dev)[None, None, :] <= pos_t[:, :, None]).unsqueeze(1)  # [S,1,T,L]
+        names = None
+        if self.dec.lora and adapter_off is not None and adapter_off.any():
+            names = [ADAPTER_OFF if off else self._adapter_name() for off in adapter_off]
+
+        d = self.dec
+        h = d.embed(ids_t)
+        cos, sin = d.rotary(h, pos_t)
+        for li, layer in enumerate(d.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = _linear(attn.q_proj, x, names).view(S, T, d.num_heads, d.head_dim)
+            k = _linear(attn.k_proj, x, names).view(S, T, d.num_kv_heads, d.head_dim)
+            v = _linear(attn.v_proj, x, names).view(S, T, d.num_kv_heads, d.head_dim)
+            if hasattr(attn, "q_norm"):
+                q, k = attn.q_norm(q), attn.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)
+            q, k = d.apply_rope(q, k, cos, sin)
+            pool_k, pool_v = self.kv[li, 0], self.kv[li, 1]
+            pool_k.index_copy_(0, write_t, k.transpose(1, 2).reshape(S * T, d.num_kv_heads, d.head_dim))
+            pool_v.index_copy_(0, write_t, v.reshape(S * T, d.num_kv_heads, d.head_dim))
+            keys = pool_k.index_select(0, read_t).view(S, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
+            vals = pool_v.index_select(0, read_t).view(S, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=attn.scaling,
+                                               enable_gqa=d.num_heads != d.num_kv_heads)
+            o = o.transpose(1, 2).reshape(S, T, d.num_heads * d.head_dim)
+            h = h + _linear(attn.o_proj, o, names)
+            x = layer.post_attention_layernorm(h)
+            if names is None:
+                h = h + layer.mlp(x)
+            else:
+                mlp = layer.mlp
+                gate = mlp.act_fn(_linear(mlp.gate_proj, x, names)) * _linear(mlp.up_proj, x, names)
+                h = h + _linear(mlp.down_proj, gate, names)
+        last = h[torch.arange(S, device=dev), torch.from_numpy(n - 1).to(dev)]
+        logits = _linear(d.lm_head, d.norm(last), names)
+        self.lengths[sids] = totals
+        return torch.log_softmax(logits.float(), dim=-1)
+
+    def _adapter_name(self) -> str:
+        return self.model.active_adapter if isinstance(self.model.active_adapter, str) else self.model.active_adapter[0]

@@ -1,0 +1,140 @@
+"""Tiny local models for tests, the demo and CPU benchmarks: nothing is downloaded.
+
+A byte-level BPE tokenizer is trained on a few KB of generated sentences, and Qwen2-shaped
+causal LMs (hidden ~64-128) are random-initialised on it and saved with ``save_pretrained``,
+so every consumer goes through the real loading code.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+SUBJECTS = ["the cat", "a dog", "the doctor", "my friend", "the patient", "a small bird", "the teacher", "our team"]
+VERBS = ["sees", "helps", "finds", "likes", "answers", "writes", "reads", "builds", "thanks", "calls"]
+OBJECTS = ["the book", "a letter", "the garden", "a question", "the river", "an answer", "the house", "a song"]
+ADVERBS = ["kindly", "quickly", "carefully", "clearly", "politely", "rarely", "badly", "warmly"]
+GOOD_WORDS = ["kindly", "clearly", "politely", "warmly", "carefully", "thanks", "helps"]
+BAD_WORDS = ["badly", "rarely", "rudely", "poorly", "never"]
+
+
+def toy_corpus(n_sentences: int = 600, seed: int = 0) -> list[str]:
+    """Grammatical toy sentences: enough text for a BPE with a few hundred merges."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_sentences):
+        s = f"{rng.choice(SUBJECTS)} {rng.choice(ADVERBS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+        out.append(s[0].upper() + s[1:])
+    return out
+
+
+def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
+    """Trains a byte-level BPE on ``texts`` and wraps it as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    texts = texts or toy_corpus()
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts + BAD_WORDS + GOOD_WORDS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|endoftext|>"
+    )
+
+
+def build_tiny_lm(
+    tokenizer,
+    *,
+    hidden_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 2,
+    num_kv_heads: int = 1,
+    vocab_pad_to: int = 1,
+    max_position_embeddings: int = 2048,
+    seed: int = 0,
+):
+    """A random-init Qwen2 causal LM over ``tokenizer`` (head_dim 64: vLLM's CPU kernels need it)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    vocab = len(tokenizer)
+    vocab = -(-vocab // vocab_pad_to) * vocab_pad_to
+    config = Qwen2Config(
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=max_position_embeddings,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():  # larger logits than the default init, so guidance visibly matters
+        model.lm_head.weight.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def save_lm(model, tokenizer, path: str | Path) -> str:
+    """``save_pretrained`` of model and tokenizer into ``path``."""
+    path = Path(path)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def build_tiny_doctor(tokenizer, path: str | Path, *, seed: int = 1, lora_base: str | None = None,
+                      trained_for: str = "toy") -> str:
+    """Saves a doctor checkpoint with a fresh value head through the plugin's own writer.
+
+    With ``lora_base`` (a saved LM folder), the doctor is a random, non-zero LoRA adapter on
+    those weights, so that adapter-on and adapter-off (the delta rule's reference) differ.
+    """
+    from llmdoctor_vllm.checkpoint import save_doctor
+    from llmdoctor_vllm.value_head import ValueHead
+
+    torch.manual_seed(seed)
+    if lora_base is not None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(lora_base)
+        cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                              "up_proj", "down_proj"], init_lora_weights=False)
+        model = get_peft_model(base, cfg)
+        hidden = base.config.hidden_size
+        save_doctor(path, model, tokenizer, ValueHead(hidden), trained_for=trained_for, base_model=str(Path(lora_base).resolve()))
+    else:
+        model = build_tiny_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, seed=seed)
+        save_doctor(path, model, tokenizer, ValueHead(model.config.hidden_size), trained_for=trained_for)
+    return str(path)
+
+
+def build_tiny_pair(root: str | Path, *, n_doctors: int = 1, lora: bool = False) -> dict:
+    """Builds a tiny patient and ``n_doctors`` tiny doctors under ``root``; returns their paths."""
+    root = Path(root)
+    tok = build_tokenizer()
+    patient = save_lm(build_tiny_lm(tok, vocab_pad_to=64, num_layers=2), tok, root / "patient")
+    doctors = {}
+    for i in range(n_doctors):
+        name = f"doctor{i}"
+        if lora:
+            base = save_lm(build_tiny_lm(tok, hidden_size=64, num_layers=2, num_heads=1, seed=10 + i), tok,
+                           root / f"{name}_base")
+            doctors[name] = build_tiny_doctor(tok, root / name, seed=20 + i, lora_base=base)
+        else:
+            doctors[name] = build_tiny_doctor(tok, root / name, seed=20 + i)
+    return {"patient": patient, "doctors": doctors, "tokenizer": tok}
