@@ -97,11 +97,12 @@ def save_lm(model, tokenizer, path: str | Path) -> str:
 
 
 def build_tiny_doctor(tokenizer, path: str | Path, *, seed: int = 1, lora_base: str | None = None,
-                      trained_for: str = "toy") -> str:
+                      reference: str | None = None, trained_for: str = "toy") -> str:
     """Saves a doctor checkpoint with a fresh value head through the plugin's own writer.
 
     With ``lora_base`` (a saved LM folder), the doctor is a random, non-zero LoRA adapter on
     those weights, so that adapter-on and adapter-off (the delta rule's reference) differ.
+    Otherwise it is a full random doctor; ``reference`` names its delta-rule reference.
     """
     from llmdoctor_vllm.checkpoint import save_doctor
     from llmdoctor_vllm.value_head import ValueHead
@@ -119,15 +120,20 @@ def build_tiny_doctor(tokenizer, path: str | Path, *, seed: int = 1, lora_base: 
         save_doctor(path, model, tokenizer, ValueHead(hidden), trained_for=trained_for, base_model=str(Path(lora_base).resolve()))
     else:
         model = build_tiny_lm(tokenizer, hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, seed=seed)
-        save_doctor(path, model, tokenizer, ValueHead(model.config.hidden_size), trained_for=trained_for)
+        save_doctor(path, model, tokenizer, ValueHead(model.config.hidden_size), trained_for=trained_for,
+                    reference=reference)
     return str(path)
 
 
 def build_tiny_pair(root: str | Path, *, n_doctors: int = 1, lora: bool = False) -> dict:
-    """Builds a tiny patient and ``n_doctors`` tiny doctors under ``root``; returns their paths."""
+    """Builds a tiny patient and ``n_doctors`` tiny doctors under ``root``; returns their paths.
+
+    The patient's logits are padded past the tokenizer (as real checkpoints often are), the
+    doctors' are not. Full doctors name a reference (random weights of the same shape).
+    """
     root = Path(root)
     tok = build_tokenizer()
-    patient = save_lm(build_tiny_lm(tok, vocab_pad_to=64, num_layers=2), tok, root / "patient")
+    patient = save_lm(build_tiny_lm(tok, vocab_pad_to=128, num_layers=2), tok, root / "patient")
     doctors = {}
     for i in range(n_doctors):
         name = f"doctor{i}"
@@ -136,5 +142,7 @@ def build_tiny_pair(root: str | Path, *, n_doctors: int = 1, lora: bool = False)
                            root / f"{name}_base")
             doctors[name] = build_tiny_doctor(tok, root / name, seed=20 + i, lora_base=base)
         else:
-            doctors[name] = build_tiny_doctor(tok, root / name, seed=20 + i)
+            ref = save_lm(build_tiny_lm(tok, hidden_size=64, num_layers=2, num_heads=1, seed=30 + i), tok,
+                          root / f"{name}_ref")
+            doctors[name] = build_tiny_doctor(tok, root / name, seed=20 + i, reference=ref)
     return {"patient": patient, "doctors": doctors, "tokenizer": tok}

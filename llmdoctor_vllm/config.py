@@ -1,0 +1,161 @@
+"""Engine-level and request-level guidance settings, parsed and checked.
+
+Engine level: ``additional_config={"llmdoctor": {...}}`` (``--additional-config`` of ``vllm
+serve``). Request level: ``SamplingParams.extra_args`` (the OpenAI server fills it from the
+request body's ``vllm_xargs``, whose values are flat: strings, numbers or lists of those).
+
+Request keys (all optional; a request that names none gets the engine defaults):
+- ``llmdoctor_alpha``: weight of the patient's log-probabilities.
+- ``llmdoctor_beta``: weight of every doctor the request uses.
+- ``llmdoctor_beta_<doctor>``: weight of one doctor (wins over ``llmdoctor_beta``).
+- ``llmdoctor_doctors``: name or list of names of the doctors to use (others get 0).
+- ``llmdoctor_rule``: ``"product"`` (the paper's rule) or ``"delta"`` (doctor minus its reference).
+A request whose doctor weights are all 0 is not guided at all: its output is plain vLLM.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+CONFIG_KEY = "llmdoctor"
+PREFIX = "llmdoctor_"
+RULES = ("product", "delta")
+_ENGINE_KEYS = {"doctors", "alpha", "beta", "rule", "cache_tokens", "block_size", "dtype"}
+
+
+class GuidanceConfigError(ValueError):
+    """A bad ``--additional-config`` llmdoctor section (raised at engine start)."""
+
+
+def _number(value, name: str, *, minimum: float | None = None) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        x = float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {value!r}")
+    if minimum is not None and x < minimum:
+        raise ValueError(f"{name} must be >= {minimum:g}, got {value!r}")
+    return x
+
+
+@dataclass(frozen=True)
+class EngineGuidance:
+    """The ``llmdoctor`` section of ``additional_config``: the doctors and the defaults."""
+
+    doctors: dict[str, str]
+    alpha: float = 1.0
+    beta: dict[str, float] = field(default_factory=dict)  # default weight per doctor
+    rule: str = "product"
+    cache_tokens: int | None = None  # doctor KV budget per doctor model, in tokens
+    block_size: int = 16
+    dtype: str | None = None  # doctor dtype; default: the engine's
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.doctors)
+
+    @classmethod
+    def from_additional_config(cls, additional_config: dict | None) -> "EngineGuidance | None":
+        """Parses the section; ``None`` when the plugin is not configured for this engine."""
+        raw = (additional_config or {}).get(CONFIG_KEY)
+        if raw is None:
+            return None
+        if not isinstance(raw, dict):
+            raise GuidanceConfigError(f"additional_config['{CONFIG_KEY}'] must be an object, got {raw!r}")
+        unknown = set(raw) - _ENGINE_KEYS
+        if unknown:
+            raise GuidanceConfigError(f"llmdoctor: unknown setting(s) {sorted(unknown)}; known: {sorted(_ENGINE_KEYS)}")
+        doctors = raw.get("doctors")
+        if isinstance(doctors, str):
+            doctors = {"doctor": doctors}
+        if not isinstance(doctors, dict) or not doctors or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in doctors.items()):
+            raise GuidanceConfigError('llmdoctor: "doctors" must map doctor names to checkpoint paths')
+        for name in doctors:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise GuidanceConfigError(f"llmdoctor: doctor name {name!r} must be alphanumeric (with - or _)")
+        try:
+            alpha = _number(raw.get("alpha", 1.0), "llmdoctor alpha")
+            beta_raw = raw.get("beta", 0.5)
+            if isinstance(beta_raw, dict):
+                unknown_b = set(beta_raw) - set(doctors)
+                if unknown_b:
+                    raise ValueError(f"llmdoctor beta names unknown doctor(s) {sorted(unknown_b)}")
+                beta = {n: _number(beta_raw.get(n, 0.0), f"llmdoctor beta[{n}]", minimum=0.0) for n in doctors}
+            else:
+                b = _number(beta_raw, "llmdoctor beta", minimum=0.0)
+                beta = {n: b for n in doctors}
+            rule = raw.get("rule", "product")
+            if rule not in RULES:
+                raise ValueError(f"llmdoctor rule must be one of {RULES}, got {rule!r}")
+            cache_tokens = raw.get("cache_tokens")
+            if cache_tokens is not None and (not isinstance(cache_tokens, int) or cache_tokens < 16):
+                raise ValueError(f"llmdoctor cache_tokens must be an integer >= 16, got {cache_tokens!r}")
+            block_size = raw.get("block_size", 16)
+            if not isinstance(block_size, int) or block_size < 1:
+                raise ValueError(f"llmdoctor block_size must be a positive integer, got {block_size!r}")
+            dtype = raw.get("dtype")
+            if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
+                raise ValueError(f"llmdoctor dtype must be float32, float16 or bfloat16, got {dtype!r}")
+        except ValueError as e:
+            raise GuidanceConfigError(str(e)) from None
+        return cls(doctors=dict(doctors), alpha=alpha, beta=beta, rule=rule, cache_tokens=cache_tokens,
+                   block_size=block_size, dtype=dtype)
+
+    def request(self, extra_args: dict | None) -> "RequestGuidance | None":
+        """This engine's guidance for one request; ``None`` when it is not guided.
+
+        Raises ``ValueError`` naming the field for a bad request.
+        """
+        args = {k: v for k, v in (extra_args or {}).items() if k.startswith(PREFIX)}
+        names = self.names
+        known = {"alpha", "beta", "doctors", "rule"} | {f"beta_{n}" for n in names}
+        for key in args:
+            if key[len(PREFIX):] not in known:
+                if key.startswith(PREFIX + "beta_"):
+                    raise ValueError(f"{key}: unknown doctor {key[len(PREFIX) + 5:]!r}; this server has {names}")
+                raise ValueError(f"{key}: unknown llmdoctor argument; known: {sorted(PREFIX + k for k in known)}")
+        alpha = _number(args.get(PREFIX + "alpha", self.alpha), PREFIX + "alpha")
+        rule = args.get(PREFIX + "rule", self.rule)
+        if rule not in RULES:
+            raise ValueError(f"{PREFIX}rule must be one of {list(RULES)}, got {rule!r}")
+        chosen = args.get(PREFIX + "doctors")
+        if chosen is not None:
+            chosen = [chosen] if isinstance(chosen, str) else chosen
+            if not isinstance(chosen, list) or not all(isinstance(c, str) for c in chosen):
+                raise ValueError(f"{PREFIX}doctors must be a doctor name or a list of names, got {chosen!r}")
+            bad = [c for c in chosen if c not in self.doctors]
+            if bad:
+                raise ValueError(f"{PREFIX}doctors: unknown doctor(s) {bad}; this server has {names}")
+            if len(set(chosen)) != len(chosen):
+                raise ValueError(f"{PREFIX}doctors lists a doctor twice: {chosen}")
+        if PREFIX + "beta" in args:
+            base = _number(args[PREFIX + "beta"], PREFIX + "beta", minimum=0.0)
+            betas = {n: base for n in names}
+        else:
+            betas = dict(self.beta)
+        for n in names:
+            key = f"{PREFIX}beta_{n}"
+            if key in args:
+                betas[n] = _number(args[key], key, minimum=0.0)
+        if chosen is not None:
+            betas = {n: (betas[n] if n in chosen else 0.0) for n in names}
+        weights = np.array([betas[n] for n in names], dtype=np.float32)
+        if not weights.any():
+            return None
+        return RequestGuidance(alpha=alpha, betas=weights, delta=(rule == "delta"))
+
+
+@dataclass(frozen=True)
+class RequestGuidance:
+    """One guided request's weights: ``alpha``, ``betas[i]`` per engine doctor, and the rule."""
+
+    alpha: float
+    betas: np.ndarray
+    delta: bool

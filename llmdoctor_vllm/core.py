@@ -1,0 +1,217 @@
+"""The guidance core shared by the V1 and Model Runner V2 adapters.
+
+It holds per-slot request parameters in CPU arrays (as vLLM's built-in processors do), the
+doctors' runners, and the step that runs every doctor once over all guided rows and combines
+its log-probabilities with the patient's. The adapters only translate their interface's
+batch bookkeeping into ``add`` / ``remove`` / ``move`` and ``apply(logits, rows, slots)``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from llmdoctor_vllm.checkpoint import load_doctor
+from llmdoctor_vllm.combine import combine
+from llmdoctor_vllm.config import EngineGuidance
+from llmdoctor_vllm.runner import DoctorCacheFull, DoctorRunner
+
+logger = logging.getLogger("llmdoctor_vllm")
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+# new_tokens(slots, cached) -> for each slot, its token ids after the first ``cached`` ones
+TokenSource = Callable[[np.ndarray, np.ndarray], list]
+
+
+@dataclass
+class _Doctor:
+    """One configured doctor: its runner, and where its delta-rule reference comes from."""
+
+    name: str
+    runner: DoctorRunner
+    ref_runner: DoctorRunner | None  # a full doctor's reference weights
+    lora: bool
+
+    @property
+    def has_reference(self) -> bool:
+        return self.lora or self.ref_runner is not None
+
+
+class GuidanceCore:
+    """Slot state, doctor runners and the combine step for one engine worker."""
+
+    def __init__(self, engine: EngineGuidance, vllm_config, device: torch.device):
+        from transformers import AutoTokenizer
+
+        mc = vllm_config.model_config
+        self.engine = engine
+        self.device = torch.device(device)
+        self.max_slots = vllm_config.scheduler_config.max_num_seqs
+        dtype = _DTYPES[engine.dtype] if engine.dtype else mc.dtype
+        tok = AutoTokenizer.from_pretrained(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
+        self.valid_vocab = len(tok)
+        max_len = mc.max_model_len
+        budget = engine.cache_tokens or min(self.max_slots * max_len, 131072)
+        self.doctors: list[_Doctor] = []
+        for name, path in engine.doctors.items():
+            loaded = load_doctor(path, device=self.device, dtype=dtype, patient_tokenizer=tok)
+            if engine.rule == "delta" and not (loaded.is_lora or loaded.reference_model is not None):
+                from llmdoctor_vllm.checkpoint import DoctorCheckpointError
+
+                raise DoctorCheckpointError(path, "the delta rule needs a reference, and this full doctor's "
+                                                  "manifest names none (set 'reference' or use rule 'product')")
+
+            def runner(model, streams):
+                return DoctorRunner(model, device=self.device, dtype=dtype, cache_tokens=budget,
+                                    max_streams=streams, max_len=max_len, block_size=engine.block_size)
+
+            ref = runner(loaded.reference_model, self.max_slots) if loaded.reference_model is not None else None
+            main = runner(loaded.model, 2 * self.max_slots if loaded.is_lora else self.max_slots)
+            self.doctors.append(_Doctor(name, main, ref, loaded.is_lora))
+            logger.info("llmdoctor: doctor %r from %s (%s, KV pool %.1f MiB)", name, path, loaded.manifest.kind,
+                        main.kv_bytes / 2**20)
+        n = len(self.doctors)
+        self.guided = np.zeros(self.max_slots, dtype=bool)
+        self.alpha = np.ones(self.max_slots, dtype=np.float32)
+        self.betas = np.zeros((self.max_slots, n), dtype=np.float32)
+        self.delta = np.zeros(self.max_slots, dtype=bool)
+        self.streams = np.full((self.max_slots, n), -1, dtype=np.int64)
+        self.ref_streams = np.full((self.max_slots, n), -1, dtype=np.int64)
+        self.num_guided = 0
+
+    # -- batch bookkeeping -------------------------------------------------------------
+    def add(self, slot: int, extra_args: dict | None) -> bool:
+        """(Re)initialises ``slot`` for a new request; returns whether it is guided."""
+        self.remove(slot)
+        try:
+            g = self.engine.request(extra_args)
+        except ValueError as e:  # validate_params let it through (e.g. no front-end check)
+            logger.warning("llmdoctor: request not guided: %s", e)
+            g = None
+        if g is None:
+            return False
+        self.guided[slot] = True
+        self.alpha[slot], self.betas[slot], self.delta[slot] = g.alpha, g.betas, g.delta
+        self.num_guided += 1
+        return True
+
+    def remove(self, slot: int) -> None:
+        """Forgets the slot's request and frees its doctor caches."""
+        if not self.guided[slot]:
+            return
+        self.release_streams(slot)
+        self.guided[slot] = False
+        self.num_guided -= 1
+
+    def release_streams(self, slot: int) -> None:
+        """Frees the slot's doctor caches; a still-guided slot rebuilds them at its next step."""
+        for d, doc in enumerate(self.doctors):
+            if self.streams[slot, d] >= 0:
+                doc.runner.free_stream(int(self.streams[slot, d]))
+            if self.ref_streams[slot, d] >= 0:
+                (doc.runner if doc.lora else doc.ref_runner).free_stream(int(self.ref_streams[slot, d]))
+        self.streams[slot] = -1
+        self.ref_streams[slot] = -1
+
+    def move(self, a: int, b: int, swap: bool) -> None:
+        """Request at ``a`` moves to ``b`` (and ``b``'s to ``a`` if ``swap``)."""
+        arrays = (self.guided, self.alpha, self.betas, self.delta, self.streams, self.ref_streams)
+        for arr in arrays:
+            tmp = arr[b].copy()
+            arr[b] = arr[a]
+            if swap:
+                arr[a] = tmp
+        if not swap:
+            self.guided[a] = False
+            self.streams[a] = -1
+            self.ref_streams[a] = -1
+
+    def occupancy(self) -> dict:
+        """Live guided slots and the doctors' cache use; all zero once no request is guided."""
+        out = {"guided_requests": int(self.num_guided)}
+        for doc in self.doctors:
+            streams, blocks = doc.runner.occupancy()
+            if doc.ref_runner is not None:
+                s2, b2 = doc.ref_runner.occupancy()
+                streams, blocks = streams + s2, blocks + b2
+            out[doc.name] = {"streams": streams, "blocks": blocks}
+        return out
+
+    # -- the step ----------------------------------------------------------------------
+    def apply(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, new_tokens: TokenSource) -> torch.Tensor:
+        """Reshapes ``logits[rows]`` (the guided requests at ``slots``) in place."""
+        for _ in range(3):  # requests that do not fit in a doctor's cache are dropped, then retry
+            try:
+                terms = self._doctor_terms(slots, new_tokens)
+                break
+            except DoctorCacheFull as full:
+                self._drop_streams(full)
+                keep = self.guided[slots]
+                rows, slots = rows[keep], slots[keep]
+                if not len(rows):
+                    return logits
+        else:
+            return logits
+        rows_t = torch.from_numpy(rows).to(logits.device)
+        alpha = torch.from_numpy(self.alpha[slots]).to(logits.device)
+        logits[rows_t] = combine(logits[rows_t], alpha, terms, self.valid_vocab).to(logits.dtype)
+        return logits
+
+    def _doctor_terms(self, slots: np.ndarray, new_tokens: TokenSource) -> torch.Tensor:
+        """``sum_i beta_i * (log p_i [- log p_i_ref])`` for the guided ``slots``; feeds every stream.
+
+        Each stream is fed from its own cached length, so a step that stopped half-way (a
+        cache that did not fit) is simply retried.
+        """
+        total = None
+        for d, doc in enumerate(self.doctors):
+            beta = self.betas[slots, d]
+            use = np.nonzero(beta > 0)[0]
+            if not len(use):
+                continue
+            sl = slots[use]
+            self._open_streams(sl, d, doc)
+            main_ids = self.streams[sl, d]
+            toks = new_tokens(sl, doc.runner.lengths[main_ids])
+            ref_rows = np.nonzero(self.delta[sl])[0]
+            ref_ids = self.ref_streams[sl[ref_rows], d]
+            ref_runner = doc.runner if doc.lora else doc.ref_runner
+            ref_toks = new_tokens(sl[ref_rows], ref_runner.lengths[ref_ids]) if len(ref_rows) else []
+            if doc.lora and len(ref_rows):
+                # one forward: the rows with the adapter on, then the delta rows with it off
+                off = np.concatenate([np.zeros(len(sl), bool), np.ones(len(ref_rows), bool)])
+                lp_all = doc.runner.step(np.concatenate([main_ids, ref_ids]), toks + ref_toks, adapter_off=off)
+                lp, ref_lp = lp_all[: len(sl)], lp_all[len(sl):]
+            else:
+                lp = doc.runner.step(main_ids, toks)
+                ref_lp = ref_runner.step(ref_ids, ref_toks) if len(ref_rows) else None
+            if ref_lp is not None:
+                lp[torch.from_numpy(ref_rows).to(lp.device)] -= ref_lp
+            lp.mul_(torch.from_numpy(beta[use]).to(lp.device)[:, None])
+            if total is None:
+                total = torch.zeros((len(slots), lp.shape[1]), device=lp.device, dtype=torch.float32)
+            total[torch.from_numpy(use).to(lp.device)] += lp
+        return total
+
+    def _open_streams(self, slots: np.ndarray, d: int, doc: _Doctor) -> None:
+        for s in slots[self.streams[slots, d] < 0]:
+            self.streams[s, d] = doc.runner.new_stream()
+        if doc.has_reference:
+            ref_runner = doc.runner if doc.lora else doc.ref_runner
+            for s in slots[(self.ref_streams[slots, d] < 0) & self.delta[slots]]:
+                self.ref_streams[s, d] = ref_runner.new_stream()
+
+    def _drop_streams(self, full: DoctorCacheFull) -> None:
+        """Unguides the requests whose doctor cache did not fit, and says so."""
+        hit = np.isin(self.streams, full.streams).any(1) | np.isin(self.ref_streams, full.streams).any(1)
+        hit &= self.guided
+        if not full.streams:  # out of stream ids: drop the requests that have none yet
+            hit = self.guided & (self.streams < 0).all(1)
+        for slot in np.nonzero(hit)[0]:
+            logger.warning("llmdoctor: %s; the request in slot %d continues unguided", full, slot)
+            self.remove(int(slot))
