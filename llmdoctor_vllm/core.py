@@ -83,6 +83,7 @@ class GuidanceCore:
         self.streams = np.full((self.max_slots, n), -1, dtype=np.int64)
         self.ref_streams = np.full((self.max_slots, n), -1, dtype=np.int64)
         self.num_guided = 0
+        self.resumed = 0  # guided requests re-added after preemption
 
     # -- batch bookkeeping -------------------------------------------------------------
     def add(self, slot: int, extra_args: dict | None) -> bool:
@@ -119,7 +120,12 @@ class GuidanceCore:
         self.ref_streams[slot] = -1
 
     def move(self, a: int, b: int, swap: bool) -> None:
-        """Request at ``a`` moves to ``b`` (and ``b``'s to ``a`` if ``swap``)."""
+        """Request at ``a`` moves to ``b`` (and ``b``'s to ``a`` if ``swap``).
+
+        A one-way move replaces ``b``'s occupant, which vLLM reports removed this way only.
+        """
+        if not swap:
+            self.remove(b)
         arrays = (self.guided, self.alpha, self.betas, self.delta, self.streams, self.ref_streams)
         for arr in arrays:
             tmp = arr[b].copy()

@@ -49,6 +49,11 @@ def _frontend_guidance() -> EngineGuidance | None | bool:
     return False
 
 
+def active_processors() -> list["LLMDoctorLogitsProcessor"]:
+    """The steering instances alive in this process (the engine's, in in-process mode)."""
+    return [p for p in _OWNERS.values() if p.core is not None]
+
+
 class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
     """Steers guided requests by ``alpha * log p_patient + sum_i beta_i * log p_doctor_i``.
 
@@ -107,6 +112,7 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
         for index, params, prompt, output in batch_update.added:
             if core.add(index, params.extra_args):
                 self.prompts[index], self.outputs[index] = prompt or [], output
+                core.resumed += bool(output)  # a preempted request comes back with its output so far
             else:
                 self.prompts[index] = self.outputs[index] = None
         for a, b, direction in batch_update.moved:

@@ -131,7 +131,7 @@ def build_tiny_pair(root: str | Path, *, n_doctors: int = 1, lora: bool = False)
     The patient's logits are padded past the tokenizer (as real checkpoints often are), the
     doctors' are not. Full doctors name a reference (random weights of the same shape).
     """
-    root = Path(root)
+    root = Path(root).resolve()
     tok = build_tokenizer()
     patient = save_lm(build_tiny_lm(tok, vocab_pad_to=128, num_layers=2), tok, root / "patient")
     doctors = {}

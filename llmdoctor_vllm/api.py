@@ -1,0 +1,45 @@
+"""``LLMdoctor``: a vLLM engine for a patient, with doctors plugged in, in one call."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from os import PathLike
+
+
+class LLMdoctor:
+    """A patient served by ``vllm.LLM`` and steered by one or more doctors.
+
+    ``doctor_checkpoint`` is a checkpoint path or a ``{name: path}`` mapping; ``alpha`` and
+    ``beta`` are the defaults of every request (``generate`` takes per-call overrides).
+    Other keyword arguments go to ``vllm.LLM``.
+    """
+
+    def __init__(self, patient_model: str | PathLike, doctor_checkpoint: str | PathLike | Mapping[str, str],
+                 alpha: float = 1.0, beta: float | Mapping[str, float] = 0.8, rule: str = "product",
+                 **llm_kwargs):
+        from vllm import LLM
+
+        doctors = ({str(k): str(v) for k, v in doctor_checkpoint.items()} if isinstance(doctor_checkpoint, Mapping)
+                   else {"doctor": str(doctor_checkpoint)})
+        beta = dict(beta) if isinstance(beta, Mapping) else beta
+        additional = dict(llm_kwargs.pop("additional_config", None) or {})
+        additional["llmdoctor"] = {"doctors": doctors, "alpha": alpha, "beta": beta, "rule": rule}
+        self.doctors = list(doctors)
+        self.llm = LLM(model=str(patient_model), additional_config=additional, **llm_kwargs)
+
+    def generate(self, prompts: str | Sequence[str], sampling_params=None, *, alpha: float | None = None,
+                 beta: float | None = None, rule: str | None = None, **kwargs) -> list[str]:
+        """Guided completions of ``prompts`` (texts); ``beta=0`` gives the plain patient's."""
+        from vllm import SamplingParams
+
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else list(prompts)
+        sp = sampling_params.clone() if sampling_params is not None else SamplingParams(max_tokens=128)
+        extra = dict(sp.extra_args or {})
+        for key, value in (("alpha", alpha), ("beta", beta), ("rule", rule)):
+            if value is not None:
+                extra[f"llmdoctor_{key}"] = value
+        sp.extra_args = extra or None
+        outs = self.llm.generate(prompts, sp, **kwargs)
+        texts = [o.outputs[0].text for o in outs]
+        return texts[0] if single else texts
