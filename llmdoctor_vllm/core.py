@@ -149,6 +149,7 @@ class GuidanceCore:
         return out
 
     # -- the step ----------------------------------------------------------------------
+    @torch.inference_mode()
     def apply(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, new_tokens: TokenSource) -> torch.Tensor:
         """Reshapes ``logits[rows]`` (the guided requests at ``slots``) in place."""
         for _ in range(3):  # requests that do not fit in a doctor's cache are dropped, then retry
