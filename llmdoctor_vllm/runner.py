@@ -44,6 +44,7 @@ class _Decoder:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    fused: list | None = None  # full doctors: per layer (qkv weight, qkv bias, gate_up weight)
 
 
 def _unwrap(model) -> _Decoder:
@@ -59,6 +60,14 @@ def _unwrap(model) -> _Decoder:
         raise ValueError("llmdoctor: doctors with sliding-window attention are not supported")
     head_dim = getattr(attn, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     module = sys.modules[type(attn).__module__]
+    fused = None
+    if not lora and all(hasattr(layer.mlp, "gate_proj") for layer in layers):
+        fused = []
+        for layer in layers:
+            a, mlp = layer.self_attn, layer.mlp
+            qkv_w, qkv_b = _fuse([a.q_proj, a.k_proj, a.v_proj])
+            gate_up_w, _ = _fuse([mlp.gate_proj, mlp.up_proj])
+            fused.append((qkv_w, qkv_b, gate_up_w))
     return _Decoder(
         embed=inner.embed_tokens,
         layers=list(layers),
@@ -70,7 +79,30 @@ def _unwrap(model) -> _Decoder:
         num_heads=cfg.num_attention_heads,
         num_kv_heads=cfg.num_key_value_heads,
         head_dim=head_dim,
+        fused=fused,
     )
+
+
+def _norm(module, x):
+    """RMSNorm in one fused call when the module is a plain RMSNorm (as in Llama / Qwen)."""
+    eps = getattr(module, "variance_epsilon", None)
+    if eps is None:
+        return module(x)
+    return module.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def _fuse(mods: list) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears reading the same input; the originals become views."""
+    weight = torch.cat([m.weight.data for m in mods])
+    bias = torch.cat([m.bias.data for m in mods]) if mods[0].bias is not None else None
+    start = 0
+    for m in mods:
+        n = m.weight.shape[0]
+        m.weight.data = weight[start:start + n]
+        if bias is not None:
+            m.bias.data = bias[start:start + n]
+        start += n
+    return weight, bias
 
 
 def _linear(module, x, adapter_names):
@@ -106,6 +138,10 @@ class DoctorRunner:
         self.free_streams = list(range(max_streams - 1, -1, -1))
         self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
         self.vocab_width = self.dec.lm_head.weight.shape[0]
+        with torch.inference_mode():  # rotary tables for every position, looked up per step
+            probe = torch.zeros(1, device=self.device, dtype=dtype)
+            cos, sin = self.dec.rotary(probe, torch.arange(max_len, device=self.device)[None])
+        self.cos, self.sin = cos[0], sin[0]
 
     @property
     def kv_bytes(self) -> int:
@@ -184,35 +220,44 @@ class DoctorRunner:
 
         d = self.dec
         h = d.embed(ids_t)
-        cos, sin = d.rotary(h, pos_t)
+        cos, sin = self.cos[pos_t], self.sin[pos_t]
+        nq, nkv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
         for li, layer in enumerate(d.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = _linear(attn.q_proj, x, names).view(S, T, d.num_heads, d.head_dim)
-            k = _linear(attn.k_proj, x, names).view(S, T, d.num_kv_heads, d.head_dim)
-            v = _linear(attn.v_proj, x, names).view(S, T, d.num_kv_heads, d.head_dim)
+            x = _norm(layer.input_layernorm, h)
+            if d.fused is not None:
+                qkv = F.linear(x, d.fused[li][0], d.fused[li][1])
+                q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
+            else:
+                q, k, v = (_linear(attn.q_proj, x, names), _linear(attn.k_proj, x, names),
+                           _linear(attn.v_proj, x, names))
+            q = q.reshape(S, T, d.num_heads, d.head_dim)
+            k = k.reshape(S, T, d.num_kv_heads, d.head_dim)
+            v = v.reshape(S * T, d.num_kv_heads, d.head_dim)
             if hasattr(attn, "q_norm"):
-                q, k = attn.q_norm(q), attn.k_norm(k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)
-            q, k = d.apply_rope(q, k, cos, sin)
+                q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
+            q, k = d.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
             pool_k, pool_v = self.kv[li, 0], self.kv[li, 1]
             pool_k.index_copy_(0, write_t, k.transpose(1, 2).reshape(S * T, d.num_kv_heads, d.head_dim))
-            pool_v.index_copy_(0, write_t, v.reshape(S * T, d.num_kv_heads, d.head_dim))
+            pool_v.index_copy_(0, write_t, v)
             keys = pool_k.index_select(0, read_t).view(S, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
             vals = pool_v.index_select(0, read_t).view(S, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
             o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=attn.scaling,
                                                enable_gqa=d.num_heads != d.num_kv_heads)
-            o = o.transpose(1, 2).reshape(S, T, d.num_heads * d.head_dim)
+            o = o.transpose(1, 2).reshape(S, T, nq)
             h = h + _linear(attn.o_proj, o, names)
-            x = layer.post_attention_layernorm(h)
-            if names is None:
-                h = h + layer.mlp(x)
+            x = _norm(layer.post_attention_layernorm, h)
+            mlp = layer.mlp
+            if d.fused is not None:
+                gate, up = F.linear(x, d.fused[li][2]).chunk(2, dim=-1)
+                h = h + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight)
+            elif names is None and not d.lora:
+                h = h + mlp(x)
             else:
-                mlp = layer.mlp
                 gate = mlp.act_fn(_linear(mlp.gate_proj, x, names)) * _linear(mlp.up_proj, x, names)
                 h = h + _linear(mlp.down_proj, gate, names)
         last = h[torch.arange(S, device=dev), torch.from_numpy(n - 1).to(dev)]
-        logits = _linear(d.lm_head, d.norm(last), names)
+        logits = _linear(d.lm_head, _norm(d.norm, last), names)
         self.lengths[sids] = totals
         return torch.log_softmax(logits.float(), dim=-1)
 

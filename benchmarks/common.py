@@ -1,0 +1,95 @@
+"""Helpers shared by the benchmark scripts: model pairs, results files, memory readings."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import shlex
+import sys
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# name -> (patient shape, doctor shape); shapes: hidden, layers, heads, kv heads, intermediate, vocab width
+SHAPES = {
+    "tiny": ((512, 8, 8, 2, 1536, 384), (128, 2, 2, 1, 384, 320)),
+    "qwen2.5-7b+1.5b": ((3584, 28, 28, 4, 18944, 152064), (1536, 28, 12, 2, 8960, 151936)),
+}
+
+
+def build_pair(root: Path, shapes: str = "tiny", n_doctors: int = 2, seed: int = 0) -> dict:
+    """A patient and ``n_doctors`` random-init doctors of the named shapes, saved as HF folders."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from llmdoctor_vllm.checkpoint import save_doctor
+    from llmdoctor_vllm.toy import build_tokenizer
+    from llmdoctor_vllm.value_head import ValueHead
+
+    root.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer()
+    dtype = torch.float32 if shapes == "tiny" else torch.bfloat16
+
+    def lm(shape, s):
+        h, n, heads, kvh, inter, vocab = shape
+        cfg = Qwen2Config(vocab_size=max(vocab, len(tok)), hidden_size=h, intermediate_size=inter, num_hidden_layers=n,
+                          num_attention_heads=heads, num_key_value_heads=kvh, max_position_embeddings=4096,
+                          tie_word_embeddings=False, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        torch.manual_seed(s)
+        return Qwen2ForCausalLM(cfg).to(dtype).eval()
+
+    pshape, dshape = SHAPES[shapes]
+    patient = lm(pshape, seed)
+    patient.save_pretrained(root / "patient")
+    tok.save_pretrained(root / "patient")
+    out = {"patient": str(root / "patient"), "doctors": {},
+           "patient_params": sum(p.numel() for p in patient.parameters())}
+    del patient
+    for i in range(n_doctors):
+        doc = lm(dshape, seed + 1 + i)
+        out["doctor_params"] = sum(p.numel() for p in doc.parameters())
+        save_doctor(root / f"doctor{i}", doc, tok, ValueHead(dshape[0]), trained_for="benchmark (random init)")
+        out["doctors"][f"doctor{i}"] = str(root / f"doctor{i}")
+    return out
+
+
+def forward_flops_per_token(shape) -> float:
+    """Matmul FLOPs of one token's forward (2 * weights touched), the c in 1/(1 + c_d/c_p)."""
+    h, n, heads, kvh, inter, vocab = shape
+    head_dim = h // heads
+    per_layer = h * (heads * head_dim) * 2 + h * (kvh * head_dim) * 2 + 3 * h * inter
+    return 2.0 * (n * per_layer + h * vocab)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name()
+    except ImportError:
+        pass
+    return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def write_results(name: str, payload: dict) -> Path:
+    """Writes ``benchmarks/results/<name>.json`` with the command that produced it."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+               "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
