@@ -1,0 +1,41 @@
+"""Offline batch: one vLLM engine, guided and plain requests mixed in one ``generate`` call.
+
+    python examples/offline_generate.py                          # tiny local models, CPU
+    python examples/offline_generate.py --patient Qwen/Qwen2.5-7B-Instruct --doctor ./my-doctor
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--patient", help="patient model path (default: build a tiny one here)")
+    p.add_argument("--doctor", help="doctor checkpoint path (default: build a tiny one here)")
+    p.add_argument("--beta", type=float, default=0.8)
+    args = p.parse_args()
+    if not args.patient:
+        from llmdoctor_vllm.toy import build_tiny_pair
+
+        pair = build_tiny_pair(tempfile.mkdtemp(prefix="llmdoctor-example-"))
+        args.patient, args.doctor = pair["patient"], pair["doctors"]["doctor0"]
+
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(model=args.patient, max_model_len=512, enforce_eager=True,
+              additional_config={"llmdoctor": {"doctors": {"helpful": args.doctor}, "alpha": 1.0, "beta": 0.0}})
+    prompts = ["The doctor kindly", "A small bird", "Our team"]
+    plain = SamplingParams(max_tokens=24, temperature=0.0)
+    guided = SamplingParams(max_tokens=24, temperature=0.0, extra_args={"llmdoctor_beta_helpful": args.beta})
+    delta = SamplingParams(max_tokens=24, temperature=0.7, seed=0,
+                           extra_args={"llmdoctor_beta_helpful": args.beta, "llmdoctor_rule": "product"})
+    outs = llm.generate(prompts * 3, [plain] * 3 + [guided] * 3 + [delta] * 3)
+    for i, o in enumerate(outs):
+        kind = ("plain", "guided greedy", "guided sampled")[i // 3]
+        print(f"{kind:>15} | {o.prompt!r} -> {o.outputs[0].text!r}")
+
+
+if __name__ == "__main__":
+    main()
