@@ -29,11 +29,11 @@ def main():
     prompts = ["The doctor kindly", "A small bird", "Our team"]
     plain = SamplingParams(max_tokens=24, temperature=0.0)
     guided = SamplingParams(max_tokens=24, temperature=0.0, extra_args={"llmdoctor_beta_helpful": args.beta})
-    delta = SamplingParams(max_tokens=24, temperature=0.7, seed=0,
-                           extra_args={"llmdoctor_beta_helpful": args.beta, "llmdoctor_rule": "product"})
-    outs = llm.generate(prompts * 3, [plain] * 3 + [guided] * 3 + [delta] * 3)
+    delta_rule = SamplingParams(max_tokens=24, temperature=0.7, seed=0,
+                           extra_args={"llmdoctor_beta_helpful": args.beta, "llmdoctor_rule": "delta"})
+    outs = llm.generate(prompts * 3, [plain] * 3 + [guided] * 3 + [delta_rule] * 3)
     for i, o in enumerate(outs):
-        kind = ("plain", "guided greedy", "guided sampled")[i // 3]
+        kind = ("plain", "guided greedy", "delta sampled")[i // 3]
         print(f"{kind:>15} | {o.prompt!r} -> {o.outputs[0].text!r}")
 
 

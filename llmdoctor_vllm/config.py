@@ -60,6 +60,15 @@ class EngineGuidance:
     def names(self) -> list[str]:
         return list(self.doctors)
 
+    def check_delta_references(self, guidance: "RequestGuidance", has_reference: dict[str, bool]) -> None:
+        """Raises unless every doctor a delta-rule request uses has a reference."""
+        if not guidance.delta:
+            return
+        missing = [n for n, b in zip(self.names, guidance.betas) if b > 0 and not has_reference.get(n, False)]
+        if missing:
+            raise ValueError(f"{PREFIX}rule: 'delta' needs a reference model, and doctor(s) {missing} have none "
+                             "(a full doctor names one in its manifest; LoRA doctors always have one)")
+
     @classmethod
     def from_additional_config(cls, additional_config: dict | None) -> "EngineGuidance | None":
         """Parses the section; ``None`` when the plugin is not configured for this engine."""

@@ -42,6 +42,14 @@ class _Doctor:
         return self.lora or self.ref_runner is not None
 
 
+class _DoctorFault(RuntimeError):
+    """Doctor ``doctor``'s forward raised ``error``."""
+
+    def __init__(self, doctor: int, error: Exception):
+        super().__init__(str(error))
+        self.doctor, self.error = doctor, error
+
+
 class GuidanceCore:
     """Slot state, doctor runners and the combine step for one engine worker."""
 
@@ -91,6 +99,8 @@ class GuidanceCore:
         self.remove(slot)
         try:
             g = self.engine.request(extra_args)
+            if g is not None:
+                self.engine.check_delta_references(g, {d.name: d.has_reference for d in self.doctors})
         except ValueError as e:  # validate_params let it through (e.g. no front-end check)
             logger.warning("llmdoctor: request not guided: %s", e)
             g = None
@@ -151,29 +161,50 @@ class GuidanceCore:
     # -- the step ----------------------------------------------------------------------
     @torch.inference_mode()
     def apply(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, new_tokens: TokenSource) -> torch.Tensor:
-        """Reshapes ``logits[rows]`` (the guided requests at ``slots``) in place."""
-        for _ in range(3):  # requests that do not fit in a doctor's cache are dropped, then retry
+        """Reshapes ``logits[rows]`` (the guided requests at ``slots``) in place.
+
+        vLLM gives a logits processor no way to fail one request, so a request whose doctor
+        cannot serve it (cache full, a failing or non-finite doctor forward) goes on unguided,
+        and the reason is logged; the engine and the other requests are not affected.
+        """
+        done: dict = {}  # doctor -> (slots, weighted log-probs) already computed in this step
+        for _ in range(len(self.doctors) + 2):  # drop what cannot be served, then retry the rest
             try:
-                terms = self._doctor_terms(slots, new_tokens)
+                terms = self._doctor_terms(slots, new_tokens, done)
                 break
             except DoctorCacheFull as full:
                 self._drop_streams(full)
-                keep = self.guided[slots]
-                rows, slots = rows[keep], slots[keep]
-                if not len(rows):
-                    return logits
+            except _DoctorFault as fault:  # a doctor fault must not take the engine down
+                hit = slots[self.betas[slots, fault.doctor] > 0]
+                self._unguide(hit, f"doctor {self.doctors[fault.doctor].name!r} failed ({fault.error!r})")
+            keep = self.guided[slots]
+            rows, slots = rows[keep], slots[keep]
+            if not len(rows):
+                return logits
         else:
             return logits
+        if terms is None:
+            return logits
+        bad = torch.isnan(terms).any(dim=1)
+        if bool(bad.any()):
+            bad_np = bad.cpu().numpy()
+            self._unguide(slots[bad_np], "doctor returned NaN log-probabilities")
+            rows, terms, slots = rows[~bad_np], terms[~bad], slots[~bad_np]
         rows_t = torch.from_numpy(rows).to(logits.device)
         alpha = torch.from_numpy(self.alpha[slots]).to(logits.device)
         logits[rows_t] = combine(logits[rows_t], alpha, terms, self.valid_vocab).to(logits.dtype)
         return logits
 
-    def _doctor_terms(self, slots: np.ndarray, new_tokens: TokenSource) -> torch.Tensor:
+    def _unguide(self, slots: np.ndarray, reason: str) -> None:
+        for slot in slots.tolist():
+            logger.error("llmdoctor: %s; the request in slot %d continues unguided", reason, slot)
+            self.remove(int(slot))
+
+    def _doctor_terms(self, slots: np.ndarray, new_tokens: TokenSource, done: dict) -> torch.Tensor:
         """``sum_i beta_i * (log p_i [- log p_i_ref])`` for the guided ``slots``; feeds every stream.
 
-        Each stream is fed from its own cached length, so a step that stopped half-way (a
-        cache that did not fit) is simply retried.
+        A doctor's result is kept in ``done``, so a retry after dropping some requests does not
+        feed the same tokens twice.
         """
         total = None
         for d, doc in enumerate(self.doctors):
@@ -182,6 +213,15 @@ class GuidanceCore:
             if not len(use):
                 continue
             sl = slots[use]
+            if d in done:
+                prev_slots, prev_lp = done[d]
+                pick = np.searchsorted(prev_slots, sl, sorter=np.argsort(prev_slots))
+                order = np.argsort(prev_slots)[pick]
+                lp = prev_lp[torch.from_numpy(order).to(prev_lp.device)]
+                if total is None:
+                    total = torch.zeros((len(slots), lp.shape[1]), device=lp.device, dtype=torch.float32)
+                total[torch.from_numpy(use).to(lp.device)] += lp
+                continue
             self._open_streams(sl, d, doc)
             main_ids = self.streams[sl, d]
             toks = new_tokens(sl, doc.runner.lengths[main_ids])
@@ -189,17 +229,23 @@ class GuidanceCore:
             ref_ids = self.ref_streams[sl[ref_rows], d]
             ref_runner = doc.runner if doc.lora else doc.ref_runner
             ref_toks = new_tokens(sl[ref_rows], ref_runner.lengths[ref_ids]) if len(ref_rows) else []
-            if doc.lora and len(ref_rows):
-                # one forward: the rows with the adapter on, then the delta rows with it off
-                off = np.concatenate([np.zeros(len(sl), bool), np.ones(len(ref_rows), bool)])
-                lp_all = doc.runner.step(np.concatenate([main_ids, ref_ids]), toks + ref_toks, adapter_off=off)
-                lp, ref_lp = lp_all[: len(sl)], lp_all[len(sl):]
-            else:
-                lp = doc.runner.step(main_ids, toks)
-                ref_lp = ref_runner.step(ref_ids, ref_toks) if len(ref_rows) else None
+            try:
+                if doc.lora and len(ref_rows):
+                    # one forward: the rows with the adapter on, then the delta rows with it off
+                    off = np.concatenate([np.zeros(len(sl), bool), np.ones(len(ref_rows), bool)])
+                    lp_all = doc.runner.step(np.concatenate([main_ids, ref_ids]), toks + ref_toks, adapter_off=off)
+                    lp, ref_lp = lp_all[: len(sl)], lp_all[len(sl):]
+                else:
+                    lp = doc.runner.step(main_ids, toks)
+                    ref_lp = ref_runner.step(ref_ids, ref_toks) if len(ref_rows) else None
+            except DoctorCacheFull:
+                raise
+            except Exception as e:  # noqa: BLE001
+                raise _DoctorFault(d, e) from e
             if ref_lp is not None:
                 lp[torch.from_numpy(ref_rows).to(lp.device)] -= ref_lp
             lp.mul_(torch.from_numpy(beta[use]).to(lp.device)[:, None])
+            done[d] = (sl, lp)
             if total is None:
                 total = torch.zeros((len(slots), lp.shape[1]), device=lp.device, dtype=torch.float32)
             total[torch.from_numpy(use).to(lp.device)] += lp

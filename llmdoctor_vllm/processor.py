@@ -10,6 +10,7 @@ every request under V2 and returns the logits untouched under V1.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import weakref
@@ -27,6 +28,18 @@ logger = logging.getLogger("llmdoctor_vllm")
 # One steering instance per engine config in a process: vLLM builds the class twice when it is
 # both installed (entry point) and named in --logits-processors.
 _OWNERS: "weakref.WeakValueDictionary[int, LLMDoctorLogitsProcessor]" = weakref.WeakValueDictionary()
+
+
+@functools.lru_cache(maxsize=64)
+def _has_reference(path: str) -> bool:
+    """Whether the checkpoint at ``path`` can serve the delta rule (read from its manifest)."""
+    from llmdoctor_vllm.checkpoint import DoctorManifest
+
+    try:
+        m = DoctorManifest.read(path)
+    except ValueError:
+        return False
+    return m.kind == "lora" or bool(m.reference)
 
 
 def _frontend_guidance() -> EngineGuidance | None | bool:
@@ -95,7 +108,11 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
         if engine is False:
             engine = EngineGuidance(doctors={k[len("llmdoctor_beta_"):]: "" for k in extra
                                              if k.startswith("llmdoctor_beta_")} or {"doctor": ""})
-        engine.request(extra)
+            engine.request(extra)
+            return
+        guidance = engine.request(extra)
+        if guidance is not None:
+            engine.check_delta_references(guidance, {n: _has_reference(p) for n, p in engine.doctors.items()})
 
     def is_argmax_invariant(self) -> bool:
         """Guidance changes which token is most likely, so greedy requests are steered too."""

@@ -46,3 +46,11 @@ def hf_models(tiny):
     patient = AutoModelForCausalLM.from_pretrained(tiny["patient"]).eval()
     doctors = {n: load_doctor(p, patient_tokenizer=tiny["tokenizer"]) for n, p in tiny["doctors"].items()}
     return patient, doctors
+
+
+@pytest.fixture(scope="session")
+def keep_alive():
+    """Extra in-process engines live until the session ends: tearing one down mid-session would
+    tear down vLLM's process-wide parallel state under the shared ``engine``."""
+    engines = []
+    yield engines.append
