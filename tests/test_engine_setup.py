@@ -180,3 +180,23 @@ def test_failing_doctor_falls_back_to_plain_for_its_requests(tiny, engine, monke
 
     monkeypatch.setattr(DoctorRunner, "step", nan_step)
     assert run(engine, PROMPTS[:1], sp(guide={"beta_doctor0": 1.0}, max_tokens=8))[0] == plain[:1]
+
+
+def test_request_past_the_doctor_cache_budget_continues_unguided(tiny, engine, keep_alive, caplog):
+    """A request that outgrows the doctor's KV budget is logged and finishes unguided; others are steered."""
+    import logging
+
+    from llmdoctor_vllm.processor import active_processors
+
+    llm = _start(tiny, {"d": tiny["doctors"]["doctor0"]}, beta=0.0, cache_tokens=32)
+    keep_alive(llm)
+    guide = {"beta": 1.0}
+    with caplog.at_level(logging.WARNING, logger="llmdoctor_vllm"):
+        long_out = run(llm, [PROMPTS[0]], sp(guide=guide, max_tokens=40))[0][0]
+    assert len(long_out) == 40
+    assert any("KV cache full" in r.getMessage() for r in caplog.records)
+    short = run(llm, [PROMPTS[1]], sp(guide=guide, max_tokens=8))[0][0]
+    assert short == run(engine, [PROMPTS[1]], sp(guide={"beta_doctor0": 1.0}, max_tokens=8))[0][0]
+    proc = [p for p in active_processors() if p.vllm_config is llm.llm_engine.vllm_config][0]
+    run(llm, ["x"], sp(max_tokens=1))
+    assert proc.core.occupancy()["d"] == {"streams": 0, "blocks": 0}
