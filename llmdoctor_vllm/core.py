@@ -8,7 +8,9 @@ batch bookkeeping into ``add`` / ``remove`` / ``move`` and ``apply(logits, rows,
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from dataclasses import dataclass
 from typing import Callable
 
@@ -92,6 +94,8 @@ class GuidanceCore:
         self.ref_streams = np.full((self.max_slots, n), -1, dtype=np.int64)
         self.num_guided = 0
         self.resumed = 0  # guided requests re-added after preemption
+        # For operators and the soak test: occupancy written to this file when the batch changes.
+        self.stats_path = os.environ.get("LLMDOCTOR_STATS_FILE")
 
     # -- batch bookkeeping -------------------------------------------------------------
     def add(self, slot: int, extra_args: dict | None) -> bool:
@@ -146,6 +150,15 @@ class GuidanceCore:
             self.guided[a] = False
             self.streams[a] = -1
             self.ref_streams[a] = -1
+
+    def write_stats(self) -> None:
+        """Writes :meth:`occupancy` to ``$LLMDOCTOR_STATS_FILE`` (atomically), if it is set."""
+        if not self.stats_path:
+            return
+        tmp = f"{self.stats_path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({**self.occupancy(), "resumed": self.resumed, "pid": os.getpid()}, f)
+        os.replace(tmp, self.stats_path)
 
     def occupancy(self) -> dict:
         """Live guided slots and the doctors' cache use; all zero once no request is guided."""

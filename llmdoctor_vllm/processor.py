@@ -137,6 +137,7 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
             core.move(a, b, swap)
             for lst in (self.prompts, self.outputs):
                 lst[a], lst[b] = (lst[b] if swap else None), lst[a]
+        core.write_stats()
 
     def _v1_tokens(self, slots: np.ndarray, cached: np.ndarray) -> list:
         out = []
