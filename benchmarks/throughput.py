@@ -30,7 +30,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=64, help="output tokens per request")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per cell (best is kept)")
+    p.add_argument("--repeats", type=int, default=5, help="timed rounds over all modes (the median is kept)")
     p.add_argument("--step-lengths", type=int, nargs="*", default=[256, 512, 1024, 2048],
                    help="cached lengths for the doctor step-cost table (empty to skip)")
     p.add_argument("--workdir", help="where to build the models (default: temp dir)")
@@ -46,23 +46,32 @@ def _prompts(n, length, vocab, seed=0):
     return [TokensPrompt(prompt_token_ids=rng.integers(2, vocab, size=length).tolist()) for _ in range(n)]
 
 
-def _time_vllm(llm, prompts, extra, output_len, repeats):
+def _time_vllm(llm, prompts, extras: dict, output_len, repeats):
+    """Times every mode in turn, ``repeats`` rounds, so drift in machine speed hits all alike.
+
+    Returns ``{mode: (output tokens, median seconds, median time to first token)}``.
+    """
+    import numpy as np
     from vllm import SamplingParams
 
-    sp = SamplingParams(max_tokens=output_len, min_tokens=output_len, temperature=0.0, ignore_eos=True,
-                        extra_args=extra or None)
-    first = SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra or None)
-    llm.generate(prompts, sp, use_tqdm=False)  # warm-up
-    best, ttft = float("inf"), float("inf")
+    def params(extra, n):
+        return SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True, extra_args=extra or None)
+
+    for extra in extras.values():  # warm-up
+        llm.generate(prompts, params(extra, output_len), use_tqdm=False)
+    times = {m: [] for m in extras}
+    ttfts = {m: [] for m in extras}
+    n_out = {}
     for _ in range(repeats):
-        t = time.perf_counter()
-        llm.generate(prompts, first, use_tqdm=False)
-        ttft = min(ttft, time.perf_counter() - t)
-        t = time.perf_counter()
-        outs = llm.generate(prompts, sp, use_tqdm=False)
-        best = min(best, time.perf_counter() - t)
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    return n_out, best, ttft
+        for mode, extra in extras.items():
+            t = time.perf_counter()
+            llm.generate(prompts, params(extra, 1), use_tqdm=False)
+            ttfts[mode].append(time.perf_counter() - t)
+            t = time.perf_counter()
+            outs = llm.generate(prompts, params(extra, output_len), use_tqdm=False)
+            times[mode].append(time.perf_counter() - t)
+            n_out[mode] = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {m: (n_out[m], float(np.median(times[m])), float(np.median(ttfts[m]))) for m in extras}
 
 
 def _time_hf_loop(pair, prompts, output_len, repeats, device):
@@ -91,7 +100,9 @@ def _time_hf_loop(pair, prompts, output_len, repeats, device):
             return res
 
     ids = torch.tensor([p["prompt_token_ids"] for p in prompts], device=device)
-    best, ttft = float("inf"), float("inf")
+    import numpy as np
+
+    times, ttfts = [], []
     with torch.inference_mode():
         for i in range(repeats + 1):
             t = time.perf_counter()
@@ -104,9 +115,10 @@ def _time_hf_loop(pair, prompts, output_len, repeats, device):
                                    past_key_values=DynamicCache())
             dt = time.perf_counter() - t
             if i:  # first is warm-up
-                best, ttft = min(best, dt), min(ttft, t1)
+                times.append(dt)
+                ttfts.append(t1)
     n_out = (out.shape[1] - ids.shape[1]) * ids.shape[0]
-    return n_out, best, ttft
+    return n_out, float(np.median(times)), float(np.median(ttfts))
 
 
 def doctor_step_cost(pair, lengths, batch, device, dtype):
@@ -202,11 +214,9 @@ def main(argv=None):
         extras = {"plain": {}, "guided": {"llmdoctor_beta_doctor0": 0.5},
                   "guided_2_doctors": {"llmdoctor_beta": 0.5}}
         for b in args.batch_sizes:
-            for mode in vllm_modes:
-                if gpu:
-                    torch.cuda.reset_peak_memory_stats()
-                n, dt, ttft = _time_vllm(llm, prompts_all[:b], extras[mode], args.output_len, args.repeats)
-                mem = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss_mb()
+            timed = _time_vllm(llm, prompts_all[:b], {m: extras[m] for m in vllm_modes}, args.output_len, args.repeats)
+            mem = torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss_mb()
+            for mode, (n, dt, ttft) in timed.items():
                 row = {"mode": mode, "batch_size": b, "output_tokens_per_s": n / dt, "ttft_s": ttft,
                        "tpot_ms": 1000 * max(dt - ttft, 0) / max(args.output_len - 1, 1), "peak_memory_mb": mem}
                 result["rows"].append(row)
