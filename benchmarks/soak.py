@@ -18,8 +18,6 @@ import asyncio
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -149,31 +147,15 @@ def server_rss_mb(pid: int) -> float:
 
 
 def start_server(models: dict, workdir: Path, kv_bytes: int, max_num_seqs: int) -> tuple:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    """The server under test, writing the doctors' occupancy to a stats file."""
+    from common import launch_server
+
     stats = workdir / "llmdoctor_stats.json"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env["LLMDOCTOR_STATS_FILE"] = str(stats)
     cfg = {"llmdoctor": {"doctors": models["doctors"], "beta": 0.0}}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", models["patient"],
-           "--served-model-name", "patient", "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--enforce-eager", "--max-model-len", "128", "--max-num-seqs", str(max_num_seqs), "--seed", "0",
-           "--block-size", "32", "--kv-cache-memory-bytes", str(kv_bytes), "--additional-config", json.dumps(cfg)]
-    log = (workdir / "server.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(workdir / 'server.log').read_text()[-3000:]}")
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return proc, url, stats
-        except OSError:
-            time.sleep(1)
-    proc.kill()
-    raise TimeoutError("server did not start")
+    proc, url = launch_server(models["patient"], cfg, workdir / "server.log",
+                              ["--max-model-len", "128", "--max-num-seqs", str(max_num_seqs), "--block-size", "32",
+                               "--kv-cache-memory-bytes", str(kv_bytes)], env={"LLMDOCTOR_STATS_FILE": str(stats)})
+    return proc, url, stats
 
 
 def _pct(xs, q):
@@ -186,6 +168,7 @@ def run_soak(rounds: int, n_requests: int, workdir: Path, kv_bytes: int = 160 * 
              seed: int = 0) -> dict:
     """Runs the rounds; returns the figures written to ``soak.json``."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from vllm import LLM
 
     models = build_models(workdir)
@@ -234,11 +217,9 @@ def run_soak(rounds: int, n_requests: int, workdir: Path, kv_bytes: int = 160 * 
                 "errors": [g["message"] for g in lost][:5]})
             print(json.dumps(result["rounds"][-1]))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        from common import stop_server
+
+        stop_server(proc)
     return result
 
 

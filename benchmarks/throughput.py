@@ -35,6 +35,7 @@ def parse_args(argv=None):
                    help="cached lengths for the doctor step-cost table (empty to skip)")
     p.add_argument("--workdir", help="where to build the models (default: temp dir)")
     p.add_argument("--output", default="throughput", help="results name under benchmarks/results/")
+    p.add_argument("--hf-loop-worker", help=argparse.SUPPRESS)  # internal: run the HF loop in a fresh process
     return p.parse_args(argv)
 
 
@@ -181,8 +182,30 @@ def plot(result, path: Path):
     fig.savefig(path, dpi=110)
 
 
+def hf_loop_worker(job: str) -> None:
+    """Runs the transformers reference loop for every batch size; prints one ``ROW {json}`` each."""
+    import json
+
+    import torch
+
+    from common import peak_rss_mb
+
+    spec = json.loads(job)
+    gpu = torch.cuda.is_available()
+    prompts = _prompts(max(spec["batch_sizes"]), spec["prompt_len"], 300)
+    for b in spec["batch_sizes"]:
+        n, dt, ttft = _time_hf_loop(spec["pair"], prompts[:b], spec["output_len"], spec["repeats"],
+                                    "cuda" if gpu else "cpu")
+        row = {"mode": "hf_loop", "batch_size": b, "output_tokens_per_s": n / dt, "ttft_s": ttft,
+               "tpot_ms": 1000 * max(dt - ttft, 0) / max(spec["output_len"] - 1, 1),
+               "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss_mb()}
+        print("ROW " + json.dumps(row), flush=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.hf_loop_worker:
+        return hf_loop_worker(args.hf_loop_worker)
     import torch
     from vllm import LLM
 
@@ -228,11 +251,19 @@ def main(argv=None):
             result["doctor_kv_pool_mb"] = {d.name: d.runner.kv_bytes / 2**20 for d in procs[0].core.doctors}
         del llm
     if "hf_loop" in args.modes:
-        for b in args.batch_sizes:
-            n, dt, ttft = _time_hf_loop(pair, prompts_all[:b], args.output_len, args.repeats, device)
-            row = {"mode": "hf_loop", "batch_size": b, "output_tokens_per_s": n / dt, "ttft_s": ttft,
-                   "tpot_ms": 1000 * max(dt - ttft, 0) / max(args.output_len - 1, 1),
-                   "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss_mb()}
+        # A fresh process: the in-process vLLM engine leaves thread bindings behind that slow
+        # plain PyTorch down, which would flatter vLLM.
+        import json
+        import subprocess
+        import sys
+
+        job = json.dumps({"pair": pair, "batch_sizes": args.batch_sizes, "prompt_len": args.prompt_len,
+                          "output_len": args.output_len, "repeats": args.repeats})
+        out = subprocess.run([sys.executable, __file__, "--hf-loop-worker", job], capture_output=True, text=True)
+        rows = [json.loads(x[4:]) for x in out.stdout.splitlines() if x.startswith("ROW ")]
+        if not rows:
+            raise RuntimeError(out.stderr[-3000:])
+        for row in rows:
             result["rows"].append(row)
             print(row)
     by = {(r["mode"], r["batch_size"]): r["output_tokens_per_s"] for r in result["rows"]}

