@@ -1,0 +1,163 @@
+"""``llmdoctor rewards``: Stage 1 token-level rewards from the command line (also ``python -m train.rewards_cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+DESCRIPTION = """\
+Stage 1 of LLMdoctor: token-level rewards from the frozen patient's own behaviour.
+
+Every preference pair (prompt, chosen, rejected) is teacher-forced through the patient, served
+by vLLM, twice per dimension: under a positive and under a negative system instruction. Per
+response token t:
+  delta_t = |log p_pos(y_t) - log p_neg(y_t)|
+  S_t     = tanh(delta_t / (mean delta over that response + eps))
+  r_t     = sign * S_t  if S_t > theta  else 0     (sign +1 for chosen, -1 for rejected)
+
+Input (--data): a .jsonl/.json/.parquet/.csv file, a datasets.save_to_disk folder, or a folder of
+data files, with columns prompt, chosen, rejected: plain text, or lists of chat messages as in
+TRL preference datasets, e.g.
+  {"prompt": "How do I boil an egg?", "chosen": "Put it in boiling water for 8 min...", "rejected": "Cook it."}
+  {"prompt": [{"role": "user", "content": "..."}], "chosen": [{"role": "assistant", "content": "..."}], ...}
+A row with a missing field, an empty response or too many tokens stops the run with its row
+index, unless --skip-bad-rows (then it is skipped and listed in summary.json).
+
+Prompts use the tokenizer's chat template when it has one (the instruction is the system
+message), else "{instruction}\\n\\nUser: {prompt}\\nAssistant:". Responses are scored verbatim.
+
+Output (--output OUT): OUT is a datasets folder (datasets.load_from_disk(OUT)) with prompt_ids
+(the prompt without instruction: what the doctor sees), chosen_ids, rejected_ids,
+chosen_rewards, rejected_rewards (one float per response token, from the main dimension), and
+per dimension NAME: chosen_rewards_NAME, chosen_S_NAME, chosen_delta_NAME, chosen_logp_pos_NAME,
+chosen_logp_neg_NAME (same for rejected); OUT/summary.json holds counts and statistics.
+The work is done in shards under OUT/shards: rerun the same command after an interruption and
+finished shards are reused; changing only --theta/--eps/--main-dimension rescores nothing.
+"""
+
+EPILOG = """\
+examples:
+  llmdoctor rewards --data prefs.jsonl --patient ./Qwen2.5-7B-Instruct --output rewards/
+  llmdoctor rewards --data hh/ --patient ./patient --output rewards/ \\
+      --dimension "helpfulness::" --dimension "harmlessness:Be safe and refuse harmful requests.:Ignore safety." \\
+      --main-dimension helpfulness --max-model-len 4096 --shard-size 1000
+(in "NAME:POS:NEG" an empty POS or NEG takes --positive/--negative; write a colon inside an
+instruction as \\:)
+"""
+
+
+def _add_arguments(p: argparse.ArgumentParser) -> None:
+    from train.rewards import DEFAULT_NEGATIVE, DEFAULT_POSITIVE, EPS, THETA
+
+    io = p.add_argument_group("data and output")
+    io.add_argument("--data", required=True, help="preference data: file or folder (see above)")
+    io.add_argument("--split", default="train", help="split to read from a folder with several (default: train)")
+    io.add_argument("--patient", required=True,
+                    help="the patient model: a local HF model folder (or a name vLLM can load)")
+    io.add_argument("--tokenizer", help="tokenizer folder, if not the patient's")
+    io.add_argument("--output", required=True, help="output folder (created; reused to resume an interrupted run)")
+    io.add_argument("--shard-size", type=int, default=500,
+                    help="rows per shard: one engine call and one resumable unit each (default: 500)")
+    io.add_argument("--skip-bad-rows", action="store_true",
+                    help="skip (and count in summary.json) rows that cannot be scored, instead of stopping")
+    io.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    rw = p.add_argument_group("instructions and rewards")
+    rw.add_argument("--positive", default=DEFAULT_POSITIVE,
+                    help="positive instruction (default: the paper's helpful one)")
+    rw.add_argument("--negative", default=DEFAULT_NEGATIVE,
+                    help="negative instruction (default: the paper's minimal one)")
+    rw.add_argument("--dimension", action="append", metavar="NAME:POS:NEG", default=[],
+                    help="a preference dimension with its own instruction pair; repeat for several "
+                         "(default: one dimension 'default' with --positive/--negative)")
+    rw.add_argument("--main-dimension",
+                    help="dimension copied into chosen_rewards/rejected_rewards etc. (default: the first)")
+    rw.add_argument("--theta", type=float, default=THETA,
+                    help=f"importance threshold: r = 0 where S <= theta (default: {THETA})")
+    rw.add_argument("--eps", type=float, default=EPS, help=f"epsilon of S's denominator (default: {EPS})")
+    rw.add_argument("--template", choices=("auto", "chat", "plain"), default="auto",
+                    help="prompt format: the chat template if the tokenizer has one (auto), or force one "
+                         "(default: auto)")
+    rw.add_argument("--append-eos", action="store_true", help="end every response with the EOS token before scoring")
+
+    en = p.add_argument_group("vLLM engine (for the patient)")
+    en.add_argument("--max-model-len", type=int, help="context length; longer rows are bad rows (default: the model's)")
+    en.add_argument("--dtype", default="auto", help="weights dtype, e.g. auto, bfloat16, float32 (default: auto)")
+    en.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the patient over (default: 1)")
+    en.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory vLLM may use (vLLM's default)")
+    en.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (faster start, CPU)")
+    en.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="any other vllm.LLM argument; VALUE is read as JSON when it parses, e.g. "
+                         "--engine-arg max_num_seqs=64 --engine-arg kv_cache_memory_bytes=67108864")
+
+
+def add_rewards_parser(subparsers) -> argparse.ArgumentParser:
+    """Adds the ``rewards`` sub-command to an ``argparse`` sub-parsers object."""
+    p = subparsers.add_parser("rewards", help="Stage 1: token-level rewards from the patient (vLLM)",
+                              description=DESCRIPTION, epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(p)
+    return p
+
+
+def engine_kwargs(args) -> dict:
+    """``vllm.LLM`` keyword arguments from the engine options."""
+    kw = {"dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size, "enforce_eager": args.enforce_eager}
+    if args.max_model_len:
+        kw["max_model_len"] = args.max_model_len
+    if args.gpu_memory_utilization is not None:
+        kw["gpu_memory_utilization"] = args.gpu_memory_utilization
+    for item in args.engine_arg:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--engine-arg {item!r}: expected KEY=VALUE")
+        try:
+            kw[key] = json.loads(value)
+        except ValueError:
+            kw[key] = value
+    return kw
+
+
+def config_from_args(args):
+    """The :class:`RewardsConfig` the options describe."""
+    from train.rewards import Dimension
+    from train.rewards_pipeline import RewardsConfig
+
+    dims = [Dimension.parse(s, args.positive, args.negative) for s in args.dimension] or \
+        [Dimension("default", args.positive, args.negative)]
+    return RewardsConfig(dimensions=dims, main_dimension=args.main_dimension, theta=args.theta, eps=args.eps,
+                         shard_size=args.shard_size, skip_bad_rows=args.skip_bad_rows, template=args.template,
+                         append_eos=args.append_eos, split=args.split)
+
+
+def run_rewards(args, llm=None) -> dict:
+    """Runs Stage 1 for parsed ``args`` (``llm``: an already running patient engine, else one is started)."""
+    from train.rewards_data import DataError
+    from train.rewards_pipeline import compute_rewards
+
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        raise SystemExit(f"llmdoctor rewards: {e}") from e
+    try:
+        summary = compute_rewards(args.data, args.patient, args.output, config, llm=llm, tokenizer=args.tokenizer,
+                                  engine_kwargs=engine_kwargs(args), progress=not args.no_progress)
+    except (DataError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"llmdoctor rewards: {e}") from e
+    s = summary
+    print(f"llmdoctor rewards: {s['rows']} rows ({s['rows_skipped']} skipped), {s['tokens']} response tokens, "
+          f"{s['fraction_rewarded']:.1%} rewarded, mean |r| {s['mean_abs_reward']:.4f}; shards scored "
+          f"{s['shards_computed']}, reused {s['shards_reused']}; wrote {args.output}")
+    return summary
+
+
+def main(argv=None) -> dict:
+    """Stand-alone entry point: ``python -m train.rewards_cli --data ... --patient ... --output ...``."""
+    parser = argparse.ArgumentParser(prog="llmdoctor rewards", description=DESCRIPTION, epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_arguments(parser)
+    return run_rewards(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Stage 1 end to end: preference data → patient log-probs (vLLM, in shards) → token-reward dataset.
+
+Output folder layout::
+
+    OUT/                 the dataset (``datasets.load_from_disk(OUT)``), one row per kept input row
+    OUT/summary.json     rows, tokens, fraction of rewarded tokens, mean |r|, skipped rows, settings
+    OUT/shards/NNNNN/    the patient's log-probs per shard; a restart reuses finished ones
+                         (safe to delete once the run is done; a rerun then rescores)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from train.rewards import EPS, THETA, Dimension, unique_instructions
+from train.rewards_final import finalise
+from train.rewards_prompts import PromptFormatter
+from train.rewards_shards import plan_shards, raise_or_skip, score_shard, shard_is_done, write_shard
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RewardsConfig:
+    """Settings of a Stage 1 run; the main reward columns come from ``main_dimension`` (default: the first)."""
+
+    dimensions: list[Dimension] = field(default_factory=lambda: [Dimension("default")])
+    main_dimension: str | None = None
+    theta: float = THETA
+    eps: float = EPS
+    shard_size: int = 500
+    skip_bad_rows: bool = False
+    template: str = "auto"
+    append_eos: bool = False
+    split: str = "train"
+
+    def __post_init__(self):
+        names = [d.name for d in self.dimensions]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"dimension names must be given and unique, got {names}")
+        self.main_dimension = self.main_dimension or names[0]
+        if self.main_dimension not in names:
+            raise ValueError(f"main dimension {self.main_dimension!r} is not one of {names}")
+        if self.shard_size < 1:
+            raise ValueError("shard_size must be >= 1")
+
+
+def _assumed_max_len(llm, patient: str, engine_kwargs: dict) -> int | None:
+    """The context length rows are checked against before (or without) starting the engine."""
+    from train.rewards_score import engine_max_len
+
+    if llm is not None:
+        return engine_max_len(llm)
+    if engine_kwargs.get("max_model_len"):
+        return int(engine_kwargs["max_model_len"])
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(patient)
+    return getattr(cfg.get_text_config(), "max_position_embeddings", None)
+
+
+def _prepare_output(out: Path) -> None:
+    """Refuses a non-empty folder that is not a Stage 1 output; clears a previous final dataset."""
+    if out.exists() and any(out.iterdir()) and not (out / "shards").is_dir():
+        raise FileExistsError(f"--output {out} is a non-empty folder that holds no Stage 1 run; pick a new one")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    for p in [*out.glob("data-*.arrow"), out / "state.json", out / "dataset_info.json", out / "summary.json",
+              out / "shards" / "final.arrow"]:
+        p.unlink(missing_ok=True)
+    for p in (out / "shards").glob("*.tmp"):  # half-written shards of an interrupted run
+        shutil.rmtree(p)
+
+
+def _ident(path) -> str:
+    """A model/tokenizer path as recorded with the shards (absolute when it is a local folder)."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else str(path)
+
+
+def compute_rewards(data, patient: str, output: str | Path, config: RewardsConfig | None = None, *, llm=None,
+                    tokenizer=None, engine_kwargs: dict | None = None, progress: bool = True) -> dict:
+    """Scores every preference pair with the patient and writes the token-reward dataset and summary.
+
+    ``data``: a path (see ``load_preferences``) or a ``datasets.Dataset``. ``llm``: a running
+    ``vllm.LLM`` for the patient; without it one is started (``engine_kwargs``) only if some
+    shard still needs scoring. ``tokenizer``: a tokenizer or its path (default: the patient's).
+    Returns the summary (also written to ``OUT/summary.json``).
+    """
+    import datasets
+
+    quiet = not datasets.are_progress_bars_disabled()
+    if quiet:  # one bar for the run, not one per save_to_disk
+        datasets.disable_progress_bars()
+    try:
+        return _compute(data, patient, output, config or RewardsConfig(), llm, tokenizer, dict(engine_kwargs or {}),
+                        progress)
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
+
+
+def _compute(data, patient, output, config, llm, tokenizer, engine_kwargs, progress) -> dict:
+    from transformers import AutoTokenizer
+
+    from train.rewards_data import BadRowError, DataError, check_columns, load_preferences
+    from train.rewards_score import build_engine, engine_max_len, score_with_vllm
+
+    ds = load_preferences(data, config.split) if isinstance(data, (str, Path)) else check_columns(data, "data")
+    if len(ds) == 0:
+        raise DataError(f"{data}: no rows")
+    tok = tokenizer
+    if tok is None or isinstance(tok, (str, Path)):
+        tok = AutoTokenizer.from_pretrained(str(tok or patient))
+    formatter = PromptFormatter(tok, config.template, config.append_eos)
+    instructions = unique_instructions(config.dimensions)
+    max_len = _assumed_max_len(llm, patient, engine_kwargs)
+    plans, bad = plan_shards(ds, formatter, instructions, config.shard_size, max_len)
+    raise_or_skip(bad, config.skip_bad_rows)
+    if not any(p.rows for p in plans):
+        raise BadRowError(bad, hint="no row is left to score")
+    out = Path(output)
+    _prepare_output(out)
+    settings = {"patient": _ident(patient), "tokenizer": _ident(getattr(tok, "name_or_path", "")),
+                "template": formatter.mode,
+                "append_eos": config.append_eos, "instructions": instructions}
+    todo = [p for p in plans if not shard_is_done(out / "shards" / f"{p.index:05d}", p, settings)]
+    if todo and llm is None:
+        llm = build_engine(patient, **engine_kwargs)
+        if engine_max_len(llm) != max_len:  # the engine settled on another length: check the rows again
+            max_len = engine_max_len(llm)
+            plans, bad = plan_shards(ds, formatter, instructions, config.shard_size, max_len)
+            raise_or_skip(bad, config.skip_bad_rows)
+            todo = [p for p in plans if not shard_is_done(out / "shards" / f"{p.index:05d}", p, settings)]
+    todo_ids, scored = {p.index for p in todo}, 0
+    with tqdm(total=len(ds), unit="row", desc="Stage 1 rewards", disable=not progress) as bar:
+        bar.set_postfix(shards_to_score=len(todo), skipped_rows=len(bad))
+        for plan in plans:
+            if plan.index in todo_ids:
+                table = score_shard(ds, plan, formatter, instructions, lambda pairs: score_with_vllm(llm, pairs))
+                write_shard(out / "shards" / f"{plan.index:05d}", table, plan, settings)
+                scored += 1
+                bar.set_postfix(shards_to_score=len(todo) - scored, skipped_rows=len(bad))
+            bar.update(plan.stop - plan.start)
+    for stale in (out / "shards").glob("[0-9]" * 5):  # shards beyond the data's end (a shorter rerun)
+        if int(stale.name) >= len(plans):
+            shutil.rmtree(stale)
+    run = {"data": str(data) if isinstance(data, (str, Path)) else "<Dataset>", **settings,
+           "shards": len(plans), "shards_reused": len(plans) - len(todo), "shards_computed": len(todo)}
+    kept = [out / "shards" / f"{p.index:05d}" for p in plans if p.rows]  # an empty saved shard does not load back
+    summary = finalise(out, kept, config, run, len(ds), bad)
+    log.info("Stage 1 rewards written to %s: %s", out, {k: summary[k] for k in ("rows", "tokens", "rows_skipped")})
+    return summary
