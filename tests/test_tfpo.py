@@ -1,0 +1,334 @@
+"""Stage 2 (TFPO): losses against brute force, gradients, the direction of training, checkpoints.
+
+Everything runs on CPU with tiny random Qwen2 models from ``llmdoctor_vllm.toy``.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+import torch
+
+from train.tfpo_loss import (apply_boundary, first_divergence, genarm_loss, prefix_log_q, subtb_loss,
+                             value_discrimination_loss)
+
+GOOD, BAD = 150, 151  # token ids the synthetic rewards favour / disfavour
+R = math.tanh(1.0)  # a Stage 1 reward at mean importance
+
+
+# ---------------------------------------------------------------- brute-force references
+
+def brute_subtb(logp, rewards, log_v, lengths, weighting, lam=0.9):
+    """The O(L^2) definition of METHOD.md, one sequence and one pair at a time."""
+    per_seq = []
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        logq = [0.0] + [float(sum(rewards[b][:k])) for k in range(1, n + 1)]
+        logv = [float(log_v[b][k]) for k in range(n)] + [0.0]  # boundary: log V(s_n) = 0
+        flow = [logq[k] + logv[k] for k in range(n + 1)]
+
+        def delta(m, k):
+            return flow[m] + sum(float(logp[b][j]) for j in range(m, k)) - flow[k]
+
+        if weighting == "trajectory":
+            per_seq.append(delta(0, n) ** 2)
+            continue
+        num = den = 0.0
+        for m in range(n + 1):
+            for k in range(m + 1, n + 1):
+                w = 1.0 if weighting == "all" else lam ** (k - m)
+                num += w * delta(m, k) ** 2
+                den += w
+        per_seq.append(num / den)
+    return sum(per_seq) / len(per_seq)
+
+
+def random_batch(lengths, L, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B = len(lengths)
+    mask = torch.arange(L)[None, :] < torch.tensor(lengths)[:, None]
+    logp = -torch.rand(B, L, generator=g, dtype=torch.float64) * 3
+    rewards = torch.randn(B, L, generator=g, dtype=torch.float64)
+    log_v = torch.randn(B, L + 1, generator=g, dtype=torch.float64)
+    # garbage in the padding must not matter
+    logp = logp.masked_fill(~mask, 7.0)
+    rewards = rewards.masked_fill(~mask, -5.0)
+    return logp, rewards, log_v, mask
+
+
+@pytest.mark.parametrize("weighting", ["all", "lambda", "trajectory"])
+def test_subtb_equals_brute_force(weighting):
+    lengths, L = [9, 3, 0, 6, 1], 9
+    logp, rewards, log_v, mask = random_batch(lengths, L)
+    fast = subtb_loss(logp, prefix_log_q(rewards, mask), log_v, mask, weighting=weighting, lam=0.7)
+    ref = brute_subtb(logp.tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, lam=0.7)
+    assert fast.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+
+
+def test_subtb_lambda_one_is_all_pairs_and_padding_is_inert():
+    logp, rewards, log_v, mask = random_batch([5, 2], 5, seed=1)
+    log_q = prefix_log_q(rewards, mask)
+    a = subtb_loss(logp, log_q, log_v, mask, weighting="all")
+    assert subtb_loss(logp, log_q, log_v, mask, weighting="lambda", lam=1.0).item() == pytest.approx(a.item())
+    # extra padding columns change nothing
+    pad = lambda t, v: torch.cat([t, torch.full((t.shape[0], 3), v, dtype=t.dtype)], 1)  # noqa: E731
+    wide_mask = pad(mask, False)
+    b = subtb_loss(pad(logp, 4.0), prefix_log_q(pad(rewards, 9.0), wide_mask), pad(log_v, 3.0), wide_mask)
+    assert b.item() == pytest.approx(a.item())
+    with pytest.raises(ValueError, match="right-padded"):
+        subtb_loss(logp, log_q, log_v, torch.tensor([[True, False, True, False, False]] * 2))
+
+
+def test_value_loss_equals_brute_force_and_keeps_the_divergence_pair():
+    g = torch.Generator().manual_seed(3)
+    B, Lc, Lr, gamma = 3, 6, 5, 0.1
+    c_ids = torch.randint(0, 4, (B, Lc), generator=g)
+    r_ids = torch.randint(0, 4, (B, Lr), generator=g)
+    c_ids[:, :2] = r_ids[:, :2] = 9  # shared first two tokens
+    c_ids[0, 2], r_ids[0, 2] = 1, 2  # row 0 diverges at token 3
+    c_mask = torch.arange(Lc)[None] < torch.tensor([[6], [4], [3]])
+    r_mask = torch.arange(Lr)[None] < torch.tensor([[5], [2], [3]])
+    c_rew = torch.randn(B, Lc, generator=g).double()
+    r_rew = torch.randn(B, Lr, generator=g).double()
+    c_rew[0, 2], r_rew[0, 2] = -0.5, 0.5  # the divergence pair is not rewarded "right" but must count
+    vc = torch.randn(B, Lc + 1, generator=g).double()
+    vr = torch.randn(B, Lr + 1, generator=g).double()
+    div = first_divergence(c_ids, r_ids, c_mask, r_mask)
+    assert div[0].item() == 3
+    fast = value_discrimination_loss(vc, vr, c_rew, r_rew, c_mask, r_mask, c_ids, r_ids, gamma=gamma)
+    terms = []
+    for b in range(B):
+        nc, nr = int(c_mask[b].sum()), int(r_mask[b].sum())
+        j = next((k + 1 for k in range(min(nc, nr)) if c_ids[b, k] != r_ids[b, k]), 0)
+        for w in range(1, nc + 1):
+            for lo in range(1, nr + 1):
+                if (c_rew[b, w - 1] > 0 and r_rew[b, lo - 1] < 0) or (j and w == j and lo == j):
+                    terms.append(max(0.0, gamma - (vc[b, w].item() - vr[b, lo].item())))
+    assert fast.item() == pytest.approx(sum(terms) / len(terms), rel=1e-10)
+
+
+def test_genarm_loss_formula():
+    c, r = torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -4.0])
+    want = -torch.nn.functional.logsigmoid(0.05 * (c - r)).mean()
+    assert genarm_loss(c, r).item() == pytest.approx(want.item())
+
+
+# ---------------------------------------------------------------- the trainer on tiny models
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared 2-core box run ~50x faster on one thread than on two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A tiny tokenizer and a saved tiny doctor base LM."""
+    from llmdoctor_vllm.toy import build_tiny_lm, build_tokenizer, save_lm
+
+    root = tmp_path_factory.mktemp("tfpo")
+    tok = build_tokenizer()
+    base = save_lm(build_tiny_lm(tok, hidden_size=64, num_layers=2, num_heads=1, num_kv_heads=1, seed=3), tok,
+                   root / "base")
+    return {"tok": tok, "base": base, "root": root}
+
+
+def synthetic_records(n, seed=0, flip=False):
+    """Pairs sharing a prompt and a first token; the chosen then says GOOD, the rejected BAD.
+
+    Rewards as Stage 1 would give them: +R on GOOD in y+, -R on BAD in y-, 0 elsewhere.
+    """
+    g = torch.Generator().manual_seed(seed)
+    recs = []
+    for _ in range(n):
+        prompt = torch.randint(10, 100, (int(torch.randint(2, 5, (1,), generator=g)),), generator=g).tolist()
+        a, tail = torch.randint(10, 100, (2,), generator=g).tolist()
+        sign = -1.0 if flip else 1.0
+        recs.append({"prompt_ids": prompt, "chosen_ids": [a, GOOD, tail], "rejected_ids": [a, BAD, tail],
+                     "chosen_rewards": [0.0, sign * R, 0.0], "rejected_rewards": [0.0, -sign * R, 0.0]})
+    return recs
+
+
+def make_trainer(toy, out, *, lora=False, steps=10, records=None, **cfg):
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    from train.tfpo_trainer import TFPOConfig, TFPOTrainer
+
+    kw = dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-3,
+              warmup_steps=0, logging_steps=5, save_strategy="no", report_to=[], seed=0, use_cpu=True,
+              dataloader_num_workers=0, disable_tqdm=True)
+    kw.update(cfg)
+    args = TFPOConfig(**kw)
+    data = Dataset.from_list(records if records is not None else synthetic_records(64))
+    peft = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear") if lora else None
+    return TFPOTrainer(toy["base"], args=args, train_dataset=data, processing_class=toy["tok"], peft_config=peft)
+
+
+def good_minus_bad(model, records):
+    """Mean doctor log p(GOOD) and log p(BAD) at the divergence state of each record."""
+    model.eval()
+    with torch.no_grad():
+        ids = torch.tensor([r["prompt_ids"][-2:] + r["chosen_ids"][:1] for r in records])
+        logp = model(input_ids=ids).logits[:, -1].float().log_softmax(-1)
+    return logp[:, GOOD].mean().item(), logp[:, BAD].mean().item()
+
+
+def test_gradients_reach_lm_lora_and_value_head(toy, tmp_path):
+    for lora in (True, False):
+        tr = make_trainer(toy, tmp_path / str(lora), lora=lora)
+        batch = tr._prepare_inputs(tr.data_collator(synthetic_records(4)))
+        tr.model.train()
+        tr.compute_loss(tr.model, batch).backward()
+        grads = {n: p.grad for n, p in tr.model.named_parameters() if p.requires_grad}
+        head = [g for n, g in grads.items() if "llmdoctor_value_head" in n]
+        lm = [g for n, g in grads.items() if "llmdoctor_value_head" not in n]
+        assert head and all(g is not None and g.abs().sum() > 0 for g in head)
+        assert lm and all(g is not None for g in lm) and sum(g.abs().sum() for g in lm) > 0
+        if lora:
+            assert all("lora_" in n for n, _ in grads.items() if "llmdoctor_value_head" not in n)
+        opt = tr.create_optimizer()
+        in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
+        assert all(id(p) in in_opt for p in tr.value_head.parameters())
+
+
+@pytest.fixture(scope="module")
+def direction_runs(toy, tmp_path_factory):
+    """The same doctor trained on the same pairs with rewards favouring GOOD, zero, and flipped."""
+    held_out = synthetic_records(32, seed=99)
+    runs = {}
+    for name, sign in (("favour", 1.0), ("zero", 0.0), ("flip", -1.0)):
+        recs = synthetic_records(64)
+        for r in recs:
+            r["chosen_rewards"] = [sign * x for x in r["chosen_rewards"]]
+            r["rejected_rewards"] = [sign * x for x in r["rejected_rewards"]]
+        tr = make_trainer(toy, tmp_path_factory.mktemp(name), steps=40, records=recs)
+        tr.train()
+        runs[name] = (*good_minus_bad(tr.model, held_out), tr.state.log_history)
+    return runs
+
+
+def test_training_raises_favoured_and_lowers_disfavoured_tokens(direction_runs):
+    (g, b, _), (g0, b0, _), (gf, bf, _) = (direction_runs[k] for k in ("favour", "zero", "flip"))
+    # against the same training without rewards, the rewarded token rises and the penalised one falls
+    assert g > g0 + 0.25 and b < b0 - 0.25, (g, g0, b, b0)
+    # the chosen-vs-rejected gap moves towards sum r+ - sum r- = +-1.52 nats; without rewards it stays put
+    gap, gap0, gapf = g - b, g0 - b0, gf - bf
+    assert gap > gap0 + 0.8 and gapf < gap0 - 0.8 and abs(gap0) < 0.4, (gap, gap0, gapf)
+
+
+def test_training_logs_tfpo_metrics(direction_runs):
+    logged = [h for h in direction_runs["favour"][2] if "subtb" in h]
+    assert logged and {"value_loss", "flow_residual", "pairs_ranked_right", "logp_margin"} <= set(logged[-1])
+    assert logged[-1]["pairs_ranked_right"] > 0.9 and logged[-1]["subtb"] < logged[0]["subtb"]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_save_model_is_a_loadable_doctor(toy, tmp_path, lora):
+    from llmdoctor_vllm.checkpoint import load_doctor
+
+    tr = make_trainer(toy, tmp_path / "run", lora=lora, steps=3, trained_for="helpfulness")
+    tr.train()
+    out = tmp_path / "doctor"
+    tr.save_model(str(out))
+    doc = load_doctor(out, patient_tokenizer=toy["tok"])
+    assert doc.manifest.kind == ("lora" if lora else "full")
+    assert doc.manifest.trained_for == "helpfulness" and doc.manifest.extra["loss_type"] == "tfpo"
+    for name, p in tr.value_head.state_dict().items():
+        torch.testing.assert_close(doc.value_head.state_dict()[name], p)
+    ids = torch.tensor([[11, 12, 13, GOOD]])
+    tr.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(doc.model(input_ids=ids).logits, tr.model(input_ids=ids).logits)
+    if lora:
+        assert doc.manifest.base_model == str(toy["base"])
+    else:
+        assert doc.manifest.reference == str(toy["base"]) and doc.reference_model is not None
+        assert not any("value_head" in k for k in doc.model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def resumed_run(toy, tmp_path_factory):
+    """A 4-step LoRA run saving every 2 steps, and its final parameters."""
+    out = tmp_path_factory.mktemp("resume")
+    tr = make_trainer(toy, out, lora=True, steps=4, save_strategy="steps", save_steps=2)
+    tr.train()
+    final = {n: p.detach().clone() for n, p in tr.model.named_parameters() if p.requires_grad}
+    return out, final
+
+
+def test_resume_from_checkpoint_continues_exactly(toy, tmp_path, resumed_run):
+    out, final = resumed_run
+    from llmdoctor_vllm.checkpoint import load_doctor
+
+    load_doctor(out / "checkpoint-2", patient_tokenizer=toy["tok"])  # a Trainer checkpoint is a doctor
+    tr = make_trainer(toy, tmp_path, lora=True, steps=4, save_strategy="no")
+    tr.train(resume_from_checkpoint=str(out / "checkpoint-2"))
+    assert tr.state.global_step == 4
+    for n, p in tr.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), final[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("damage", ["value_head.safetensors", "adapter_model.safetensors", "trainer_state.json",
+                                    "llmdoctor.json", "optimizer.pt", "rng_state.pth"])
+def test_corrupt_checkpoint_gives_a_clear_error(toy, tmp_path, resumed_run, damage):
+    from train.tfpo_trainer import ResumeCheckpointError
+
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(resumed_run[0] / "checkpoint-2", ckpt)
+    data = (ckpt / damage).read_bytes()
+    (ckpt / damage).write_bytes(data[: len(data) // 2])
+    tr = make_trainer(toy, tmp_path / "again", lora=True, steps=4)
+    with pytest.raises(ResumeCheckpointError, match="cannot resume from checkpoint") as err:
+        tr.train(resume_from_checkpoint=str(ckpt))
+    assert str(ckpt) in str(err.value)
+    named = {"optimizer.pt": "optimizer", "rng_state.pth": "random-number state"}.get(damage, damage)
+    assert named in str(err.value)
+
+
+def test_genarm_run_trains_the_margin_and_saves(toy, tmp_path):
+    from llmdoctor_vllm.checkpoint import load_doctor
+
+    tr = make_trainer(toy, tmp_path / "g", lora=True, steps=15, loss_type="genarm", genarm_beta=1.0)
+    head_before = {k: v.clone() for k, v in tr.value_head.state_dict().items()}
+    tr.train()
+    logged = [h for h in tr.state.log_history if "genarm_loss" in h]
+    assert logged[-1]["logp_margin"] > logged[0]["logp_margin"]
+    for k, v in tr.value_head.state_dict().items():
+        torch.testing.assert_close(v, head_before[k])  # GenARM does not touch the head
+    tr.save_model(str(tmp_path / "doc"))
+    assert load_doctor(tmp_path / "doc", patient_tokenizer=toy["tok"]).manifest.extra["loss_type"] == "genarm"
+
+
+def test_cli_trains_from_a_saved_rewards_dataset(toy, tmp_path, capsys):
+    from datasets import Dataset, DatasetDict
+
+    from llmdoctor_vllm.checkpoint import load_doctor
+    from train.train_cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0 and "--rewards" in capsys.readouterr().out
+    recs = synthetic_records(16)
+    for r in recs:  # Stage 1 also writes per-dimension columns and diagnostics
+        r.update(chosen_rewards_harmless=r["chosen_rewards"], rejected_rewards_harmless=r["rejected_rewards"],
+                 chosen_S=[0.5] * len(r["chosen_ids"]), row_index=0)
+    DatasetDict(train=Dataset.from_list(recs), test=Dataset.from_list(recs[:4])).save_to_disk(str(tmp_path / "rw"))
+    main(["--rewards", str(tmp_path / "rw"), "--model", toy["base"], "--output", str(tmp_path / "out"),
+          "--max-steps", "2", "--batch-size", "4", "--lora-r", "4", "--subtb-weighting", "lambda",
+          "--dimension", "harmless", "--save-steps", "2", "--warmup-steps", "0"])
+    doc = load_doctor(tmp_path / "out", patient_tokenizer=toy["tok"])
+    assert doc.is_lora and doc.manifest.extra["subtb_weighting"] == "lambda"
+    assert doc.manifest.trained_for == "harmless"
+    assert (tmp_path / "out" / "checkpoints" / "checkpoint-2").is_dir()
+    assert "eval_subtb" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="lacks column"):
+        main(["--rewards", str(tmp_path / "rw"), "--model", toy["base"], "--output", str(tmp_path / "o2"),
+              "--dimension", "honest"])

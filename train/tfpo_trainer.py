@@ -1,0 +1,393 @@
+"""TFPO training of the doctor (METHOD.md, Stage 2) as a ``transformers.Trainer``, TRL style.
+
+Inputs are Stage 1's token-reward records (``prompt_ids``, ``chosen_ids``, ``rejected_ids``,
+``chosen_rewards``, ``rejected_rewards``: one reward per response token). The doctor is a
+causal LM (optionally LoRA-wrapped with peft) plus a :class:`ValueHead` trained in full; the
+head is registered as a submodule of the trained model so the optimizer, gradient clipping
+and data parallelism see it. Checkpoints, intermediate and final, are the plugin's doctor
+checkpoints (:func:`save_doctor`), so a Trainer checkpoint is also a loadable doctor and
+carries the value head for resuming.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from llmdoctor_vllm.checkpoint import VALUE_HEAD_NAME, DoctorCheckpointError, DoctorManifest, save_doctor
+from llmdoctor_vllm.value_head import ValueHead
+from train.tfpo_loss import (WEIGHTINGS, apply_boundary, genarm_loss, prefix_log_q, subtb_loss,
+                             value_discrimination_loss)
+
+logger = logging.getLogger(__name__)
+
+FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejected_rewards")
+HEAD_MODULE = "llmdoctor_value_head"
+LOSS_TYPES = ("tfpo", "genarm")
+TRAINING_ARGS_NAME = "training_args.bin"
+TRAINER_STATE_NAME = "trainer_state.json"
+
+
+def _opt(default, help_text: str):
+    return field(default=default, metadata={"help": help_text})
+
+
+@dataclass
+class TFPOConfig(TrainingArguments):
+    """``TrainingArguments`` plus TFPO's settings; defaults follow METHOD.md ([R]: AdamW, batch 4, clip 1.0)."""
+
+    lam: float = _opt(0.1, "Weight of the value-discrimination loss (L_SubTB + lam * L_value).")
+    gamma: float = _opt(0.1, "Margin of the value-discrimination hinge.")
+    subtb_weighting: str = _opt("all", "Subtrajectories in L_SubTB: 'all' pairs (O(L)), 'lambda' (weight "
+                                       "lambda^(n-m)) or 'trajectory' (s_0 to s_L only).")
+    subtb_lambda: float = _opt(0.9, "lambda of the 'lambda' weighting, in (0, 1].")
+    max_length: int | None = _opt(1024, "Longest prompt+response in tokens; prompts are cut from the left "
+                                         "first, then responses from the right.")
+    value_head_inner_size: int | None = _opt(None, "Value head MLP width (default: the LM's hidden size).")
+    loss_type: str = _opt("tfpo", "'tfpo' (SubTB + value loss) or 'genarm' (GenARM's baseline loss).")
+    genarm_beta: float = _opt(0.05, "beta_r of the GenARM loss.")
+    model_dtype: str = _opt("float32", "dtype to load a model given by path: float32 (default; AdamW keeps "
+                                       "fp32 weights), bfloat16, float16 or auto.")
+    trained_for: str = _opt("", "What the doctor is for (e.g. 'helpfulness'), written to the manifest.")
+    remove_unused_columns: bool = _opt(False, "Must stay False: the collator reads the reward columns.")
+    per_device_train_batch_size: int = _opt(4, "Preference pairs per device and step.")
+    per_device_eval_batch_size: int = _opt(4, "Preference pairs per device in evaluation.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"TFPOConfig: loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.subtb_weighting not in WEIGHTINGS:
+            raise ValueError(f"TFPOConfig: subtb_weighting must be one of {WEIGHTINGS}, got {self.subtb_weighting!r}")
+        if self.model_dtype not in ("float32", "bfloat16", "float16", "auto"):
+            raise ValueError(f"TFPOConfig: model_dtype must be float32, bfloat16, float16 or auto, "
+                             f"got {self.model_dtype!r}")
+        if not 0.0 < self.subtb_lambda <= 1.0:
+            raise ValueError(f"TFPOConfig: subtb_lambda must be in (0, 1], got {self.subtb_lambda}")
+
+
+@dataclass
+class TFPOCollator:
+    """Pads a batch of reward records into one batch of ``2B`` rows: the chosen, then the rejected.
+
+    Returns ``input_ids``/``attention_mask`` ``[2B, T]`` (prompt + response, right-padded),
+    ``response_start`` ``[2B]`` (position of ``y_1``), and ``response_ids``, ``response_mask``,
+    ``rewards`` ``[2B, L]``. A pair shares one prompt truncation; an empty prompt becomes
+    ``[bos_token_id]`` because ``s_0`` needs a hidden state.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    bos_token_id: int | None = None
+
+    def _pair(self, ex: dict[str, Any]) -> tuple[list[int], list[list[int]], list[list[float]]]:
+        missing = [f for f in FIELDS if f not in ex]
+        if missing:
+            raise KeyError(f"TFPOCollator: example lacks field(s) {missing}; expected Stage 1's {FIELDS}")
+        prompt = list(ex["prompt_ids"])
+        resp = [list(ex["chosen_ids"]), list(ex["rejected_ids"])]
+        rew = [list(ex["chosen_rewards"]), list(ex["rejected_rewards"])]
+        for name, ids, r in zip(("chosen", "rejected"), resp, rew):
+            if len(ids) != len(r):
+                raise ValueError(f"TFPOCollator: {name}_rewards has {len(r)} values for {len(ids)} {name}_ids tokens")
+        if not prompt:
+            if self.bos_token_id is None:
+                raise ValueError("TFPOCollator: empty prompt_ids and no bos_token_id to stand for s_0")
+            prompt = [self.bos_token_id]
+        if self.max_length is not None:
+            longest = max(len(resp[0]), len(resp[1]))
+            keep = min(len(prompt), max(1, self.max_length - longest))
+            prompt = prompt[len(prompt) - keep:]
+            room = max(self.max_length - keep, 0)
+            resp, rew = [x[:room] for x in resp], [x[:room] for x in rew]
+        return prompt, resp, rew
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pairs = [self._pair(ex) for ex in examples]
+        rows = [(p, resp[i], rew[i]) for i in (0, 1) for p, resp, rew in pairs]  # chosen rows, then rejected
+        T = max(len(p) + len(y) for p, y, _ in rows)
+        L = max(1, max(len(y) for _, y, _ in rows))
+        n = len(rows)
+        input_ids = torch.full((n, T), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((n, T), dtype=torch.long)
+        response_ids = torch.full((n, L), self.pad_token_id, dtype=torch.long)
+        response_mask = torch.zeros((n, L), dtype=torch.bool)
+        rewards = torch.zeros((n, L), dtype=torch.float32)
+        start = torch.zeros(n, dtype=torch.long)
+        for i, (p, y, r) in enumerate(rows):  # per sequence, not per token
+            seq = p + y
+            input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            attention[i, :len(seq)] = 1
+            start[i] = len(p)
+            if y:
+                response_ids[i, :len(y)] = torch.tensor(y, dtype=torch.long)
+                response_mask[i, :len(y)] = True
+                rewards[i, :len(y)] = torch.tensor(r, dtype=torch.float32)
+        return {"input_ids": input_ids, "attention_mask": attention, "response_start": start,
+                "response_ids": response_ids, "response_mask": response_mask, "rewards": rewards}
+
+
+class ResumeCheckpointError(DoctorCheckpointError):
+    """A Trainer checkpoint to resume from is missing, incomplete or corrupt."""
+
+    def __init__(self, path: str | os.PathLike, problem: str):
+        super().__init__(path, problem)
+        self.args = (f"llmdoctor train: cannot resume from checkpoint {os.fspath(path)!r}: {problem}",)
+
+
+def _local_path(path: str | None) -> str | None:
+    """An existing local folder as an absolute path (manifests resolve relative paths per checkpoint)."""
+    if path and os.path.isdir(path):
+        return str(Path(path).resolve())
+    return path or None
+
+
+def _hidden_size(config) -> int:
+    size = getattr(config, "hidden_size", None)
+    return int(size if size is not None else config.get_text_config().hidden_size)
+
+
+@contextlib.contextmanager
+def _head_detached(model: torch.nn.Module):
+    """Takes the value head out of ``model`` for a while, so LM weights are saved/loaded without it."""
+    head = model._modules.pop(HEAD_MODULE, None)
+    try:
+        yield head
+    finally:
+        if head is not None:
+            model._modules[HEAD_MODULE] = head
+
+
+def check_resume_checkpoint(path: str | os.PathLike, *, lora: bool, head: ValueHead) -> None:
+    """Cheap checks of a checkpoint before resuming; raises :class:`ResumeCheckpointError`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    if not folder.is_dir():
+        raise ResumeCheckpointError(path, "no such directory")
+    try:
+        json.loads((folder / TRAINER_STATE_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ResumeCheckpointError(path, f"unreadable {TRAINER_STATE_NAME}: {e}") from None
+    try:
+        manifest = DoctorManifest.read(folder)
+    except DoctorCheckpointError as e:
+        raise ResumeCheckpointError(path, e.problem) from None
+    if (manifest.kind == "lora") != lora:
+        raise ResumeCheckpointError(path, f"it holds a {manifest.kind} doctor but this run trains a "
+                                          f"{'lora' if lora else 'full'} one")
+    weights = ["adapter_model.safetensors"] if lora else ["model.safetensors", "model.safetensors.index.json"]
+    present = [w for w in weights if (folder / w).is_file()]
+    if not present:
+        raise ResumeCheckpointError(path, f"missing model weights ({' or '.join(weights)})")
+    if present[0].endswith(".safetensors"):
+        try:
+            with safe_open(str(folder / present[0]), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001 - truncated or garbage weights
+            raise ResumeCheckpointError(path, f"corrupt {present[0]}: {e}") from None
+    try:
+        state = load_file(str(folder / VALUE_HEAD_NAME))
+        ValueHead(head.hidden_size, head.inner_size).load_state_dict(state)
+    except Exception as e:  # noqa: BLE001
+        raise ResumeCheckpointError(path, f"missing, corrupt or mis-shaped {VALUE_HEAD_NAME}: {e}") from None
+
+
+class TFPOTrainer(Trainer):
+    """Trains a doctor LM + value head with TFPO (``L_SubTB + lam * L_value``) or GenARM's loss.
+
+    ``model`` is a causal LM or its path; with ``peft_config`` it is wrapped by
+    ``peft.get_peft_model``. ``reference_model`` names a full doctor's starting weights for
+    the delta rule (default: ``model``'s own path). The value head becomes a submodule
+    (``llmdoctor_value_head``) of the model object it trains. Logged metrics: ``subtb``, ``value_loss``,
+    ``flow_residual`` (mean ``|delta(0, n)|``), ``pairs_ranked_right`` (fraction with
+    ``sum log pi(y+) - sum log pi(y-) > 0``) and ``logp_margin``.
+    """
+
+    def __init__(self, model, args: TFPOConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class: PreTrainedTokenizerBase | None = None, peft_config=None,
+                 value_head: ValueHead | None = None, reference_model: str | None = None, data_collator=None,
+                 callbacks=None, optimizers=(None, None), **kwargs):
+        from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+        args = args or TFPOConfig(output_dir="tfpo_output")
+        if not isinstance(args, TFPOConfig):
+            raise TypeError("TFPOTrainer: args must be a TFPOConfig")
+        set_seed(args.seed)  # LoRA and value-head initialisation are reproducible
+        if isinstance(model, (str, os.PathLike)):
+            model_path = os.fspath(model)
+            dtype = args.model_dtype if args.model_dtype == "auto" else getattr(torch, args.model_dtype)
+            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        else:
+            model_path = getattr(model.config, "name_or_path", None) or None
+        if processing_class is None:
+            if not model_path:
+                raise ValueError("TFPOTrainer: pass processing_class (the tokenizer shared with the patient)")
+            processing_class = AutoTokenizer.from_pretrained(model_path)
+        if peft_config is not None:
+            from peft import get_peft_model
+
+            model = get_peft_model(model, peft_config)
+        self.is_lora = hasattr(model, "peft_config")
+        if self.is_lora and not model_path:
+            model_path = getattr(model.get_base_model().config, "name_or_path", None) or None
+        self.base_model_path = _local_path(model_path)
+        self.reference_path = None if self.is_lora else _local_path(reference_model or model_path)
+        config = model.get_base_model().config if self.is_lora else model.config
+        self.value_head = value_head or ValueHead(_hidden_size(config), args.value_head_inner_size)
+        self.value_head.requires_grad_(args.loss_type == "tfpo")  # GenARM does not use the head
+        model.add_module(HEAD_MODULE, self.value_head)  # so optimizer, clipping and DDP include it
+        for split in (train_dataset, eval_dataset):
+            cols = getattr(split, "column_names", None)
+            if isinstance(cols, list) and not set(FIELDS) <= set(cols):
+                raise ValueError(f"TFPOTrainer: dataset lacks Stage 1 field(s) {sorted(set(FIELDS) - set(cols))}")
+        if data_collator is None:
+            pad = processing_class.pad_token_id
+            pad = processing_class.eos_token_id if pad is None else pad
+            bos = processing_class.bos_token_id
+            data_collator = TFPOCollator(pad_token_id=pad if pad is not None else 0, max_length=args.max_length,
+                                         bos_token_id=bos if bos is not None else processing_class.eos_token_id)
+        super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+                         eval_dataset=eval_dataset, processing_class=processing_class, callbacks=callbacks,
+                         optimizers=optimizers, **kwargs)
+        self.model_accepts_loss_kwargs = False
+        self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
+        self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if not self.is_lora and not self.reference_path:
+            logger.warning("TFPOTrainer: the starting weights have no path; the checkpoint will name no reference "
+                           "for the delta rule (pass reference_model=...)")
+
+    # ---- the loss ----
+
+    def _response_terms(self, model, inputs, need_values: bool):
+        """One forward over prompt+response: per-token ``log pi`` ``[N, L]`` and raw ``log V`` ``[N, L+1]``."""
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    output_hidden_states=need_values, use_cache=False)
+        logits = out.logits
+        n, t = inputs["input_ids"].shape
+        L = inputs["response_ids"].shape[1]
+        rows = torch.arange(n, device=logits.device)[:, None]
+        # state s_k is the prefix ending at position start-1+k; it predicts y_{k+1}
+        pos = (inputs["response_start"][:, None] - 1 + torch.arange(L + 1, device=logits.device)).clamp(max=t - 1)
+        tok_logits = logits[rows, pos[:, :L]].float()
+        logp = tok_logits.gather(-1, inputs["response_ids"][..., None]).squeeze(-1) - tok_logits.logsumexp(-1)
+        log_v = None
+        if need_values:
+            hidden = out.hidden_states[-1][rows, pos]
+            head_dtype = next(self.value_head.parameters()).dtype
+            log_v = self.value_head(hidden.to(head_dtype)).float()
+        return logp, log_v
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TFPO or GenARM loss on a batch from :class:`TFPOCollator`, logging TFPO's metrics."""
+        args: TFPOConfig = self.args
+        tfpo = args.loss_type == "tfpo"
+        logp, log_v = self._response_terms(model, inputs, need_values=tfpo)
+        mask, rewards = inputs["response_mask"], inputs["rewards"]
+        B = mask.shape[0] // 2
+        sum_logp = (logp * mask).sum(dim=1)
+        margin = sum_logp[:B] - sum_logp[B:]
+        metrics = {"pairs_ranked_right": (margin > 0).float().mean(), "logp_margin": margin.mean()}
+        if tfpo:
+            log_q = prefix_log_q(rewards, mask)
+            log_v = apply_boundary(log_v, mask)
+            subtb = subtb_loss(logp, log_q, log_v, mask, weighting=args.subtb_weighting, lam=args.subtb_lambda)
+            ids = inputs["response_ids"]
+            value = value_discrimination_loss(log_v[:B], log_v[B:], rewards[:B], rewards[B:], mask[:B], mask[B:],
+                                              ids[:B], ids[B:], gamma=args.gamma)
+            loss = subtb + args.lam * value
+            traj = subtb_loss(logp, log_q, log_v, mask, weighting="trajectory", return_per_sequence=True)
+            metrics.update(subtb=subtb, value_loss=value, flow_residual=traj.detach().sqrt().mean())
+        else:
+            loss = genarm_loss(sum_logp[:B], sum_logp[B:], beta_r=args.genarm_beta)
+            metrics["genarm_loss"] = loss
+        mode = "train" if model.training else "eval"
+        for k, v in metrics.items():
+            self._metrics[mode][k].append(v.detach())  # averaged (one sync) at log time
+        return (loss, {"logp": logp, "log_v": log_v}) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the loss only (there are no labels or logits to return)."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Adds the averaged TFPO metrics since the last log."""
+        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+        prefix = "eval_" if mode == "eval" else ""
+        for k, vals in self._metrics[mode].items():
+            if vals:
+                logs[prefix + k] = torch.stack(vals).float().mean().item()
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # ---- saving and resuming ----
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Writes a doctor checkpoint (adapter + base path for LoRA; full weights + reference otherwise)."""
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        args: TFPOConfig = self.args
+        extra = {"loss_type": args.loss_type, "global_step": self.state.global_step}
+        if args.loss_type == "tfpo":
+            extra.update(subtb_weighting=args.subtb_weighting, lam=args.lam, gamma=args.gamma)
+        with _head_detached(model):
+            save_doctor(output_dir, model, self.processing_class, self.value_head,
+                        trained_for=args.trained_for or args.loss_type,
+                        base_model=self.base_model_path if self.is_lora else None,
+                        reference=self.reference_path, extra=extra)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """``Trainer.train``; a resume checkpoint is checked first (a bad one raises :class:`ResumeCheckpointError`)."""
+        if resume_from_checkpoint:
+            path = resume_from_checkpoint
+            if isinstance(path, bool):
+                from transformers.trainer_utils import get_last_checkpoint
+
+                path = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+                if path is None:
+                    raise ResumeCheckpointError(self.args.output_dir, "no checkpoint-* folder to resume from")
+            check_resume_checkpoint(path, lora=self.is_lora, head=self.value_head)
+            resume_from_checkpoint = path
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Restores the LM (or adapter) as ``Trainer`` does, then the value head."""
+        from safetensors.torch import load_file
+
+        try:
+            with _head_detached(self.model):
+                super()._load_from_checkpoint(resume_from_checkpoint, model)
+            state = load_file(os.path.join(resume_from_checkpoint, VALUE_HEAD_NAME))
+            self.value_head.load_state_dict(state)
+        except ResumeCheckpointError:
+            raise
+        except Exception as e:  # noqa: BLE001 - say which checkpoint and why
+            raise ResumeCheckpointError(resume_from_checkpoint, f"cannot restore the model: {e}") from e
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except Exception as e:  # noqa: BLE001
+            raise ResumeCheckpointError(checkpoint, f"cannot restore optimizer/scheduler state: {e}") from e
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        try:
+            super()._load_rng_state(checkpoint)
+        except Exception as e:  # noqa: BLE001
+            raise ResumeCheckpointError(checkpoint, f"cannot restore the random-number state: {e}") from e
