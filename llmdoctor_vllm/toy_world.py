@@ -315,8 +315,8 @@ def make_preference_dataset(patient_dir: str | Path, n_prompts: int = 256, sampl
     """Preference pairs from the patient's own neutral replies, ranked by ``toy_reward``.
 
     For each of ``n_prompts`` user prompts, samples ``samples_per_prompt`` replies (no
-    instruction), keeps the best as ``chosen`` and the worst as ``rejected``, and skips the
-    prompt if they tie. Returns a ``datasets.Dataset`` with text columns ``prompt`` (the bare
+    instruction), keeps the best as ``chosen`` and the worst as ``rejected`` (empty replies never
+    count), and skips the prompt if they tie. Returns a ``datasets.Dataset`` with text columns ``prompt`` (the bare
     user request), ``chosen``, ``rejected`` (reply text, no leading space) and the float
     columns ``chosen_reward``, ``rejected_reward``.
     """
@@ -330,9 +330,11 @@ def make_preference_dataset(patient_dir: str | Path, n_prompts: int = 256, sampl
     with torch_threads(num_threads):
         replies = sample_replies(model, tok, flat, None, max_new_tokens=max_new_tokens, seed=seed)
     r = toy_rewards(replies).reshape(n_prompts, samples_per_prompt)
-    best, worst = r.argmax(1), r.argmin(1)
+    empty = np.array([not t for t in replies]).reshape(r.shape)  # an empty reply is no response to rank
+    best = np.where(empty, -np.inf, r).argmax(1)
+    worst = np.where(empty, np.inf, r).argmin(1)
     rows = np.arange(n_prompts)
-    keep = r[rows, best] > r[rows, worst]
+    keep = (r[rows, best] > r[rows, worst]) & ~empty[rows, best] & ~empty[rows, worst]
     cols = dict(prompt=[], chosen=[], rejected=[], chosen_reward=[], rejected_reward=[])
     for i in np.flatnonzero(keep):
         cols["prompt"].append(prompts[i])
