@@ -176,3 +176,51 @@ def test_aisp_generate_best_sample_and_best_of_n_limit(llm):
                                                      use_tqdm=False)]
     bon = [texts[4 * p + int(np.argmax(reward(texts[4 * p:4 * p + 4])))] for p in range(2)]
     assert one["texts"] == bon == [st[0][p][int(np.argmax(sr[0, p]))] for p in range(2)]
+
+
+# ----------------------------------------------------------------------------- batch bookkeeping
+
+def test_rows_keep_their_state_through_finishes_and_refills(llm):
+    """Ten requests of different lengths through eight slots (vLLM removes, refills and moves
+    rows as they finish): every request decodes exactly as when it runs alone."""
+    extras = [None, {"args_w": 3.0}, {"aisp_seed": 1, "aisp_sigma": 2.0, "aisp_tau": 16}, None,
+              {"aisp_seed": 2, "aisp_sigma": 2.0, "aisp_tau": 3}, {"args_w": 2.0, "args_k": 4}, None,
+              {"aisp_seed": 4, "aisp_sigma": 2.0, "aisp_tau": 16}, {"aisp_seed": 3, "aisp_sigma": 1.0, "aisp_tau": 8},
+              {"args_w": 5.0, "args_k": 2}]
+    lens = [2, 12, 3, 12, 12, 4, 5, 12, 9, 12]  # late rows (an AISP one last) move into the holes
+    prompts = [PROMPTS[i % 3] for i in range(10)]
+    params = [_sp(temperature=1.0, seed=40 + i, max_tokens=m, extra_args=e) for i, (m, e) in enumerate(zip(lens, extras))]
+    together = _ids(llm, prompts, params)
+    alone = [_ids(llm, [p], [sp])[0] for p, sp in zip(prompts, params)]
+    assert together == alone
+    assert [len(t) for t in together] == lens
+
+
+def test_load_table_pads_and_refuses():
+    from llmdoctor_vllm.baselines.args import load_table
+
+    np.testing.assert_array_equal(load_table([1.0, -2.0], 4), [1.0, -2.0, 0.0, 0.0])
+    for bad in ([1.0] * 5, [1.0, float("nan")], [[1.0]], "/nonexistent/table.npy"):
+        with pytest.raises(ValueError, match="token_rewards"):
+            load_table(bad, 4)
+
+
+def test_token_table_is_exact_for_the_toy_reward():
+    """On toy_world's tokenizer each good/bad word (with its space) is one token, so the table
+    summed over a well-formed reply's tokens is its toy reward."""
+    import random
+
+    from llmdoctor_vllm.baselines.args import token_reward_table
+    from llmdoctor_vllm.toy import build_tokenizer
+    from llmdoctor_vllm.toy_world import BAD_WORDS, GOOD_WORDS, sample_reply, toy_reward, toy_world_corpus
+
+    tok = build_tokenizer([r["text"] for r in toy_world_corpus(3000, seed=0)], vocab_size=1024)
+    table = token_reward_table(tok, toy_reward, size=1024)
+    assert table.shape == (1024,) and not table[len(tok):].any()
+    for w in GOOD_WORDS + BAD_WORDS:
+        assert len(tok(" " + w)["input_ids"]) == 1
+    rng = random.Random(0)
+    replies = [sample_reply(rng, "the cat", c) for c in ("pos", "neg", "neutral") * 30]
+    got = [table[tok(" " + r)["input_ids"]].sum() for r in replies]
+    np.testing.assert_array_equal(got, [toy_reward(r) for r in replies])
+    assert {int(table.max()), int(table.min())} == {1, -1}
