@@ -6,6 +6,9 @@
 
 Both processors keep per-slot request parameters in CPU numpy arrays, a count of active rows,
 and return the logits untouched when it is zero (as vLLM's ``MinPLogitsProcessor`` does).
+They implement vLLM's V1 processor interface only (the CPU runner's). On CUDA, where Model
+Runner V2 is the default in vLLM 0.32 and refuses V1 classes at engine start, run with
+``VLLM_USE_V2_MODEL_RUNNER=0``.
 """
 
 from __future__ import annotations

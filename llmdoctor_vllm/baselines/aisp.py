@@ -11,10 +11,10 @@ Two pieces:
 
 - :class:`AISPLogitsProcessor` (vLLM V1 interface) adds ``v_t @ W.T`` to the rows of AISP
   requests, all rows in one matmul. Listing it in ``logits_processors`` enables it; no
-  ``additional_config`` section is needed. ``W`` (``lm_head.weight``, or ``embed_tokens`` for
-  tied embeddings) is read with safetensors from the patient's checkpoint folder
-  (``vllm_config.model_config.model``) when the first AISP request arrives, so an engine that
-  never sees one holds no copy. Per request ``extra_args``: ``aisp_seed`` (int), ``aisp_sigma``
+  ``additional_config`` section is needed. At engine start it reads ``W`` (``lm_head.weight``,
+  or ``embed_tokens`` for tied embeddings) with safetensors from the patient's checkpoint
+  folder (``vllm_config.model_config.model``) into one extra copy in the model's dtype (a
+  checkpoint without safetensors stops the engine there). Per request ``extra_args``: ``aisp_seed`` (int), ``aisp_sigma``
   (float >= 0), ``aisp_tau`` (int >= 0), optional ``aisp_mean`` (``tau * hidden`` floats,
   row-major; zeros if omitted). ``v = mean + sigma * eps`` with ``eps = aisp_noise(seed, tau,
   hidden)``, drawn when the request is added, so the driver can rebuild every ``v^(i)``.
@@ -142,7 +142,8 @@ class AISPLogitsProcessor(LogitsProcessor):
         self.model_path, self.hf_config = mc.model, mc.hf_text_config
         self.hidden = mc.get_hidden_size()
         self.device = torch.device(device)
-        self.W = None  # loaded at the first AISP request
+        self.W = load_output_embedding(self.model_path, self.hf_config).to(self.device, mc.dtype)
+        logger.info("aisp: output embedding %s from %s", tuple(self.W.shape), self.model_path)
         slots = vllm_config.scheduler_config.max_num_seqs
         self.active = np.zeros(slots, dtype=bool)
         self.tau = np.zeros(slots, dtype=np.int64)
@@ -175,9 +176,6 @@ class AISPLogitsProcessor(LogitsProcessor):
             logger.error("aisp: aisp_mean has %d values, tau * hidden = %d; request not perturbed",
                          mean.size, tau * self.hidden)
             return
-        if self.W is None:
-            self.W = load_output_embedding(self.model_path, self.hf_config).to(self.device)
-            logger.info("aisp: output embedding %s from %s", tuple(self.W.shape), self.model_path)
         v = req["sigma"] * eps if mean is None else mean.reshape(tau, self.hidden) + req["sigma"] * eps
         if tau > self.v.shape[1]:
             grown = torch.zeros((self.v.shape[0], tau, self.hidden), device=self.device)
