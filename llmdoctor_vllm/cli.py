@@ -13,12 +13,15 @@ def build_parser() -> argparse.ArgumentParser:
                "and send vllm_xargs={\"llmdoctor_beta\": 0.8} per request.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="build a tiny patient and doctor here and show plain vs guided outputs",
-                          description="Builds a tiny patient and doctor locally (no download) and prints plain vs "
-                                      "guided completions from a real vLLM engine.")
-    demo.add_argument("--workdir", help="where to save the tiny models (default: a new temp dir)")
-    demo.add_argument("--beta", type=float, default=1.0, help="doctor weight (default 1.0)")
-    demo.add_argument("--max-tokens", type=int, default=24, help="tokens per completion (default 24)")
+    demo = sub.add_parser("demo", help="the whole loop on a toy task: patient, rewards, TFPO doctor, guided decoding",
+                          description="Trains a tiny instruction-following patient here (no download), samples "
+                                      "preference pairs, extracts Stage 1 token rewards in vLLM, trains a TFPO doctor, "
+                                      "and prints plain vs guided replies with their task reward. A few minutes on CPU.")
+    demo.add_argument("--workdir", help="where to save the models and data (default: a new temp dir)")
+    demo.add_argument("--beta", type=float, nargs="+", default=[1.0, 2.0], help="doctor weights to show (1 2)")
+    demo.add_argument("--rule", choices=["product", "delta"], nargs="+", default=["product", "delta"],
+                      help="decoding rules to show (product delta)")
+    demo.add_argument("--train-steps", type=int, default=300, help="TFPO steps (300)")
     try:
         from train.rewards_cli import add_rewards_parser
 
@@ -39,7 +42,7 @@ def main(argv=None) -> None:
     if args.command == "demo":
         from llmdoctor_vllm.demo import run_demo
 
-        run_demo(args.workdir, beta=args.beta, max_tokens=args.max_tokens)
+        run_demo(args.workdir, betas=args.beta, train_steps=args.train_steps, rules=args.rule)
     elif args.command == "rewards":
         from train.rewards_cli import run_rewards
 
