@@ -1,0 +1,114 @@
+"""The alignment-quality benchmark: its metrics on hand-computed cases, and its smallest run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from quality_metrics import bleu, distinct_n, diversity, pearson, perplexity, self_bleu, win_rate  # noqa: E402
+
+from llmdoctor_vllm.toy_world import toy_rewards  # noqa: E402
+
+
+def test_task_reward_hand_computed():
+    texts = ["The cat kindly helps the doctor.", "A dog rudely blames my friend. The cat often sees a song.",
+             "My friend warmly thanks the teacher. Our team never ignores the book.", ""]
+    # +2; -2; (+2) + (-2) = 0; empty: 0
+    np.testing.assert_array_equal(toy_rewards(texts), [2.0, -2.0, 0.0, 0.0])
+
+
+def test_distinct_n_hand_computed():
+    texts = ["a b a b", "a b c"]
+    assert distinct_n(texts, 1) == pytest.approx(3 / 7)  # a b a b a b c: {a, b, c}
+    assert distinct_n(texts, 2) == pytest.approx(3 / 5)  # ab ba ab | ab bc: {ab, ba, bc}
+    assert distinct_n(texts, 3) == pytest.approx(1.0)  # aba bab | abc
+    assert distinct_n(["a", ""], 2) == 0.0 and distinct_n([], 1) == 0.0
+    d = diversity(texts)
+    assert d["distinct_2"] == pytest.approx(3 / 5) and set(d) == {"distinct_1", "distinct_2", "distinct_3",
+                                                                  "self_bleu"}
+
+
+def test_bleu_hand_computed():
+    assert bleu("a b c d e".split(), ["a b c d e".split()]) == pytest.approx(1.0)
+    assert bleu("x y z w".split(), ["a b c d".split()]) == 0.0  # no unigram match
+    assert bleu([], ["a b".split()]) == 0.0 and bleu(["a"], []) == 0.0
+    # p1 = 3/4, p2 = (1+1)/(3+1), p3 = (0+1)/(2+1), p4 = (0+1)/(1+1): product 1/16; BP = exp(1 - 6/4)
+    hyp, ref = "the cat sat on".split(), "the cat ran on the mat".split()
+    assert bleu(hyp, [ref]) == pytest.approx(0.5 * math.exp(-0.5))
+    # clipping by the largest count in one reference: "the" x4 vs max 2 -> p1 = 2/4; (the the) x3 vs 1 ->
+    # p2 = 2/4; p3 = 1/3; p4 = 1/2: product 1/24; c = 4 >= r = 2: BP = 1
+    assert bleu(["the"] * 4, [["the", "cat"], ["the", "the"]]) == pytest.approx(24 ** -0.25)
+    # closest reference length, ties to the shorter (2, not 4): BP = 1; p4 has no 4-grams: (0+1)/(1+1)
+    assert bleu("a b c".split(), ["a b".split(), "a b c d".split()]) == pytest.approx(2 ** -0.25)
+
+
+def test_self_bleu_hand_computed():
+    # the two identical texts score 1 against each other; the third shares no word: 0
+    assert self_bleu(["a b c d", "a b c d", "e f g h"]) == pytest.approx(2 / 3)
+    assert self_bleu(["a b c d"]) == 0.0
+    # an empty text is a hypothesis scoring 0 but never a reference
+    assert self_bleu(["a b c d", "a b c d", ""]) == pytest.approx(2 / 3)
+
+
+def test_win_rate_perplexity_pearson():
+    assert win_rate([1, 2, 3], [1, 1, 4]) == pytest.approx(0.5)  # tie, win, loss
+    with pytest.raises(ValueError):
+        win_rate([1, 2], [1])
+    assert perplexity([[math.log(0.5), math.log(0.25)], []]) == pytest.approx(math.sqrt(8))
+    assert math.isnan(perplexity([[]]))
+    assert pearson([1, 2, 3], [2, 4, 6]) == pytest.approx(1.0)
+    assert pearson([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(pearson([1, 1, 1], [1, 2, 3]))
+
+
+def test_targets_pick_points_within_the_diversity_floor():
+    import quality
+
+    pt = lambda r, d2: {"reward": r, "distinct_2": d2}  # noqa: E731
+    methods = {"patient": [pt(0.0, 0.5)], "llmdoctor_product": [pt(3.0, 0.40), pt(2.0, 0.48)],
+               "llmdoctor_delta": [pt(1.0, 0.6)], "genarm_product": [pt(5.0, 0.3)], "genarm_delta": [pt(1.5, 0.5)],
+               "best_of_16": [pt(2.5, 0.47)]}
+    t = quality.targets(methods)
+    assert t["distinct_2_floor"] == pytest.approx(0.475)
+    assert (t["llmdoctor_best"], t["genarm_best"], t["best_of_16"]) == (2.0, 1.5, None)
+    assert t["llmdoctor_ge_genarm"] is True and t["llmdoctor_ge_best_of_16"] is None
+
+
+def test_quick_benchmark_end_to_end(tmp_path):
+    """The smallest settings run the whole benchmark (patient, pairs, Stage 1, both doctors, every
+    method in one engine) and write well-formed results, into tmp_path only."""
+    out = tmp_path / "out"
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--quick", "--workdir",
+                           str(tmp_path / "work"), "--output-dir", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads((out / "quality.json").read_text())
+    assert isinstance(res["task"], str) and res["task"]
+    expected = {"patient", "llmdoctor_product", "llmdoctor_delta", "genarm_product", "genarm_delta", "args",
+                "best_of_4", "best_of_16", "aisp"}
+    assert expected <= set(res["methods"])
+    for name, points in res["methods"].items():
+        if name == "best_of_16":  # --quick runs best-of-4 only
+            continue
+        assert points, name
+        for p in points:
+            for key in ("setting", "reward", "win_rate", "distinct_1", "distinct_2", "distinct_3", "self_bleu",
+                        "perplexity", "compute"):
+                assert key in p, (name, key)
+            assert 0 <= p["win_rate"] <= 1 and 0 <= p["distinct_2"] <= 1 and 0 <= p["self_bleu"] <= 1
+            assert p["perplexity"] > 1 and p["compute"] > 0
+    assert res["methods"]["patient"][0]["win_rate"] == 0.5
+    assert 0 < res["stage1"]["fraction_rewarded"] <= 1 and "pearson_gap" in res["stage1"]
+    for f in ("quality.md", "quality.png", "quality_compute.png"):
+        assert (out / f).stat().st_size > 0
