@@ -65,11 +65,12 @@ def parse_args(argv=None):
     g.add_argument("--n-eval", type=int, default=64, help="held-out prompts (64)")
     g.add_argument("--max-tokens", type=int, default=48, help="max reply tokens (48)")
     s = p.add_argument_group("sweeps")
-    s.add_argument("--betas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="doctor weights")
-    s.add_argument("--args-w", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="ARGS reward weights")
+    s.add_argument("--betas", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0, 2.0, 4.0],
+                   help="doctor weights, every doctor x rule (the small ones reach the diversity floor)")
+    s.add_argument("--args-w", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0], help="ARGS reward weights")
     s.add_argument("--args-k", type=int, default=10, help="ARGS candidates (10)")
-    s.add_argument("--best-of", type=int, nargs="+", default=[4, 16], help="best-of-N sizes (4 16)")
-    s.add_argument("--aisp", nargs="+", default=["1:0.5:2", "1:1:2", "1:1:4", "0.5:2:4"], metavar="LAM:SIGMA:ITERS",
+    s.add_argument("--best-of", type=int, nargs="+", default=[2, 4, 8, 16], help="best-of-N sizes (2 4 8 16)")
+    s.add_argument("--aisp", nargs="+", default=["1:0.5:2", "1:1:2", "1:1:4", "0.25:1:4", "0.5:2:4"], metavar="LAM:SIGMA:ITERS",
                    help="AISP points, n=4 samples per iteration")
     s.add_argument("--aisp-tau", type=int, default=24, help="AISP perturbed positions (24)")
     args = p.parse_args(argv)
@@ -294,20 +295,30 @@ LABELS = {"patient": "patient", "llmdoctor_product": "LLMdoctor (TFPO), product"
           "aisp": "AISP (oracle RM)"}
 
 
-def targets(methods: dict) -> dict:
-    """The issue's targets: among points with distinct-2 >= 95% of the patient's, LLMdoctor's best reward
-    vs GenARM's best and vs best-of-16's."""
-    floor = 0.95 * methods["patient"][0]["distinct_2"]
+def targets(methods: dict, ppl_factor: float | None = None) -> dict:
+    """The issue's targets: among points whose distinct-2 is >= 95% of the patient's, LLMdoctor's best
+    reward vs GenARM's best and vs best-of-16's reward (that point's reward whatever its distinct-2,
+    and within the floor). With ``ppl_factor``, points must also keep their perplexity under the
+    patient within ``ppl_factor`` times the patient's (garbled text is diverse too)."""
+    ref = methods["patient"][0]
+    floor = 0.95 * ref["distinct_2"]
+    ppl_max = ppl_factor * ref["perplexity"] if ppl_factor else float("inf")
+    ok = lambda p: p["distinct_2"] >= floor and p.get("perplexity", 0) <= ppl_max  # noqa: E731
 
-    def best(names):
-        pts = [p for m in names for p in methods.get(m, []) if p["distinct_2"] >= floor]
+    def best(names, within=True):
+        pts = [p for m in names for p in methods.get(m, []) if ok(p) or not within]
         return max((p["reward"] for p in pts), default=None)
 
-    ours, genarm, bo16 = best(["llmdoctor_product", "llmdoctor_delta"]), best(["genarm_product", "genarm_delta"]), \
-        best(["best_of_16"])
+    ours, genarm = best(["llmdoctor_product", "llmdoctor_delta"]), best(["genarm_product", "genarm_delta"])
+    bo16, bo16_all = best(["best_of_16"]), best(["best_of_16"], within=False)
     ge = lambda a, b: None if a is None or b is None else bool(a >= b)  # noqa: E731
-    return {"distinct_2_floor": floor, "llmdoctor_best": ours, "genarm_best": genarm, "best_of_16": bo16,
-            "llmdoctor_ge_genarm": ge(ours, genarm), "llmdoctor_ge_best_of_16": ge(ours, bo16)}
+    out = {"distinct_2_floor": floor, "llmdoctor_best": ours, "genarm_best": genarm,
+           "best_of_16": bo16_all, "best_of_16_within_floor": bo16,
+           "llmdoctor_ge_genarm": ge(ours, genarm), "llmdoctor_ge_best_of_16": ge(ours, bo16_all),
+           "llmdoctor_ge_best_of_16_within_floor": ge(ours, bo16)}
+    if ppl_factor:
+        out["perplexity_max"] = ppl_max
+    return out
 
 
 def _fmt_setting(s: dict) -> str:
@@ -332,14 +343,19 @@ def plot(methods: dict, path: Path, x: str, xlabel: str, logx: bool = False) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    for m, pts in methods.items():
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    curves = {m: pts for m, pts in methods.items() if pts and not m.startswith("best_of_")}
+    curves["best-of-N (oracle RM)"] = [p for m, pts in methods.items() if m.startswith("best_of_") for p in pts]
+    garbled = 1.5 * methods["patient"][0]["perplexity"]
+    for i, (m, pts) in enumerate(curves.items()):  # points joined in sweep order (beta, w, N ... ascending)
         if not pts:
             continue
-        pts = sorted(pts, key=lambda p: p[x])
-        style = "k*" if m == "patient" else "o-"
-        ax.plot([p[x] for p in pts], [p["reward"] for p in pts], style, label=LABELS.get(m, m),
-                markersize=12 if m == "patient" else 5)
+        color = "k" if m == "patient" else f"C{i - 1}"
+        ax.plot([p[x] for p in pts], [p["reward"] for p in pts], "*" if m == "patient" else "o-", color=color,
+                label=LABELS.get(m, m), markersize=12 if m == "patient" else 4)
+        bad = [p for p in pts if p["perplexity"] > garbled]
+        ax.plot([p[x] for p in bad], [p["reward"] for p in bad], "o", color=color, mfc="white", ms=7)
+    ax.plot([], [], "o", color="grey", mfc="white", label="perplexity > 1.5x the patient's (garbled)")
     if x == "distinct_2":
         ax.axvline(0.95 * methods["patient"][0]["distinct_2"], color="grey", ls=":", lw=1,
                    label="95% of the patient's distinct-2")
@@ -404,7 +420,7 @@ def main(argv=None) -> dict:
         "perplexity": "corpus perplexity of the final replies' tokens under the plain patient (vLLM prompt logprobs)",
         "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output_dir", "reuse")},
         "patient": patient, "stage1": s1, "doctors": docs,
-        "methods": methods, "targets": targets(methods),
+        "methods": methods, "targets": targets(methods), "targets_fluent": targets(methods, ppl_factor=1.5),
         "seconds": {"total": time.perf_counter() - t_start, "decoding": time.perf_counter() - t_dec},
     }
     path = out / f"{args.name}.json"
@@ -413,11 +429,13 @@ def main(argv=None) -> dict:
     (out / f"{args.name}.md").write_text(
         f"# Alignment quality on the toy task\n\n`{result['command']}`\n\n{result['task']}.\n"
         f"{result['reward_model']}.\n\nCompute: {result['compute_unit']}.\n\n" + table_md
-        + f"\nTargets: {json.dumps(result['targets'])}\n\nStage 1: {json.dumps(s1)}\n")
+        + f"\nTargets: {json.dumps(result['targets'])}\n\nTargets with perplexity <= 1.5x the patient's: "
+          f"{json.dumps(result['targets_fluent'])}\n\nStage 1: {json.dumps(s1)}\n")
     plot(methods, out / f"{args.name}.png", "distinct_2", "distinct-2 of the replies (diversity)")
     plot(methods, out / f"{args.name}_compute.png", "compute", "compute: token forwards per prompt (log)", logx=True)
     print(table_md)
     _say(f"targets: {json.dumps(result['targets'])}")
+    _say(f"targets, perplexity <= 1.5x the patient's: {json.dumps(result['targets_fluent'])}")
     _say(f"wrote {path}, {args.name}.md, {args.name}.png, {args.name}_compute.png in {out} "
          f"({result['seconds']['total']:.0f} s)")
     return result

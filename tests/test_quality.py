@@ -74,14 +74,18 @@ def test_win_rate_perplexity_pearson():
 def test_targets_pick_points_within_the_diversity_floor():
     import quality
 
-    pt = lambda r, d2: {"reward": r, "distinct_2": d2}  # noqa: E731
+    pt = lambda r, d2, ppl=3.0: {"reward": r, "distinct_2": d2, "perplexity": ppl}  # noqa: E731
     methods = {"patient": [pt(0.0, 0.5)], "llmdoctor_product": [pt(3.0, 0.40), pt(2.0, 0.48)],
-               "llmdoctor_delta": [pt(1.0, 0.6)], "genarm_product": [pt(5.0, 0.3)], "genarm_delta": [pt(1.5, 0.5)],
-               "best_of_16": [pt(2.5, 0.47)]}
+               "llmdoctor_delta": [pt(1.0, 0.6)], "genarm_product": [pt(5.0, 0.3)],
+               "genarm_delta": [pt(1.5, 0.5), pt(2.2, 0.7, ppl=40.0)], "best_of_16": [pt(2.5, 0.47)]}
     t = quality.targets(methods)
     assert t["distinct_2_floor"] == pytest.approx(0.475)
-    assert (t["llmdoctor_best"], t["genarm_best"], t["best_of_16"]) == (2.0, 1.5, None)
-    assert t["llmdoctor_ge_genarm"] is True and t["llmdoctor_ge_best_of_16"] is None
+    assert (t["llmdoctor_best"], t["genarm_best"], t["best_of_16"], t["best_of_16_within_floor"]) == (
+        2.0, 2.2, 2.5, None)
+    assert t["llmdoctor_ge_genarm"] is False and t["llmdoctor_ge_best_of_16"] is False
+    assert t["llmdoctor_ge_best_of_16_within_floor"] is None
+    fluent = quality.targets(methods, ppl_factor=1.5)  # the garbled (ppl 40 > 4.5) GenARM point drops out
+    assert fluent["genarm_best"] == 1.5 and fluent["llmdoctor_ge_genarm"] is True
 
 
 def test_quick_benchmark_end_to_end(tmp_path):
