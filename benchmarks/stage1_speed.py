@@ -270,7 +270,7 @@ def main(argv=None) -> dict:
                     "hf_torch_threads": hf_threads,
                     "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"), "cpu_count": os.cpu_count(), "load_average_at_start": load0,
                     "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "patient": {"source": args.model or "random-init Qwen2 built here (toy-world BPE, vocab 1024)",
+        "patient": {"source": args.model or "random-init Qwen2 built here (BPE trained on toy-world text)",
                     "params": _n_params(cfg), "hidden_size": cfg.hidden_size,
                     "layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size, "dtype": "float32"},
         "data": {"rows": len(ds), "sequences": len(pairs), "tokens": n_tokens, "response_tokens": n_resp,
