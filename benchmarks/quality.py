@@ -345,7 +345,8 @@ def plot(methods: dict, path: Path, x: str, xlabel: str, logx: bool = False) -> 
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     curves = {m: pts for m, pts in methods.items() if pts and not m.startswith("best_of_")}
-    curves["best-of-N (oracle RM)"] = [p for m, pts in methods.items() if m.startswith("best_of_") for p in pts]
+    curves["best-of-N (oracle RM)"] = sorted((p for m, pts in methods.items() if m.startswith("best_of_") for p in pts),
+                                            key=lambda p: p["setting"]["N"])
     garbled = 1.5 * methods["patient"][0]["perplexity"]
     for i, (m, pts) in enumerate(curves.items()):  # points joined in sweep order (beta, w, N ... ascending)
         if not pts:
