@@ -165,6 +165,86 @@ def train_doctors(root: Path, patient: str, args) -> dict:
     return {"paths": paths, "train_seconds": time.perf_counter() - t0}
 
 
+def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64) -> dict:
+    """What each LoRA doctor learned, adapter on vs off (the delta rule's reference), in transformers.
+
+    ``slots``: mean probability of the good and of the bad words at the adverb slot ("... Assistant:
+    The cat _") and the verb slot ("... The cat quickly _") of held-out prompts. ``pairs``: on up to
+    ``n_pairs`` training pairs, the doctor's shift of ``log p(chosen) - log p(rejected)`` against
+    Stage 1's target ``sum r(chosen) - sum r(rejected)`` (TFPO's optimum matches them; GenARM's
+    loss scales them by 1 / beta_r)."""
+    import contextlib
+    import random
+
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    from llmdoctor_vllm import toy_world as tw
+    from llmdoctor_vllm.checkpoint import load_doctor
+
+    tok = AutoTokenizer.from_pretrained(paths["tfpo"])
+    tok.padding_side = "right"
+    ids = lambda words: [tok(" " + w)["input_ids"][0] for w in words]  # noqa: E731  (one token each)
+    rng = random.Random(EVAL_SEED)
+    heads = [tw.format_prompt(p) + " " + s[0].upper() + s[1:] for p, s in (tw.sample_prompt(rng)
+                                                                             for _ in range(n_prompts))]
+    slots = {"adverb": (heads, ids(tw.GOOD_ADVERBS), ids(tw.BAD_ADVERBS)),
+             "verb": ([h + " " + rng.choice(tw.NEUTRAL_ADVERBS) for h in heads], ids(tw.GOOD_VERBS),
+                      ids(tw.BAD_VERBS))}
+    pairs = load_from_disk(str(root / "rewards"))
+    pairs = pairs.select(range(min(n_pairs, len(pairs))))
+    out = {}
+    with tw.torch_threads(1), torch.no_grad():
+        for name, path in paths.items():
+            model = load_doctor(path, load_reference=False).model.eval()
+
+            def logp(run, enc):  # next-token log-probs at every position, adapter on (run=model) or off
+                return torch.log_softmax(run(**enc).logits, -1)
+
+            res = {"slots": {}}
+            for slot, (texts, good, bad) in slots.items():
+                enc = tok(texts, return_tensors="pt", padding=True)
+                last = enc["attention_mask"].sum(1) - 1
+                for tag, ctx in (("doctor", None), ("reference", model.disable_adapter)):
+                    with ctx() if ctx else contextlib.nullcontext():
+                        lp = logp(model, enc)[torch.arange(len(texts)), last].exp()
+                    res["slots"][f"{slot}_{tag}"] = {"p_good": float(lp[:, good].sum(1).mean()),
+                                                     "p_bad": float(lp[:, bad].sum(1).mean())}
+            shift, target = [], []
+            for r in pairs:
+                total = 0.0
+                for side, sign in (("chosen", 1), ("rejected", -1)):
+                    x = torch.tensor([r["prompt_ids"] + r[f"{side}_ids"]])
+                    n = len(r["prompt_ids"])
+                    for ctx, w in ((None, 1), (model.disable_adapter, -1)):
+                        with ctx() if ctx else contextlib.nullcontext():
+                            lp = logp(model, {"input_ids": x})[0, n - 1:-1].gather(1, x[0, n:, None]).sum()
+                        total += sign * w * float(lp)
+                shift.append(total)
+                target.append(sum(r["chosen_rewards"]) - sum(r["rejected_rewards"]))
+            from quality_metrics import pearson
+
+            res["pairs"] = {"logratio_shift": float(np.mean(shift)), "stage1_target": float(np.mean(target)),
+                            "pearson": pearson(shift, target), "n": len(shift)}
+            out[name] = res
+            del model
+    return out
+
+
+def probe_lines(probe: dict) -> list[str]:
+    """One readable line per doctor from :func:`probe_doctors`."""
+    lines = []
+    for name, r in probe.items():
+        sl = r["slots"]
+        slots = "; ".join(f"{k} P(good)/P(bad) {sl[k + '_reference']['p_good']:.2f}/{sl[k + '_reference']['p_bad']:.2f}"
+                          f" -> {sl[k + '_doctor']['p_good']:.2f}/{sl[k + '_doctor']['p_bad']:.2f}"
+                          for k in ("adverb", "verb"))
+        lines.append(f"{name}: {slots} (adapter off -> on); pair log-ratio shift {r['pairs']['logratio_shift']:+.2f} "
+                     f"vs Stage 1 target {r['pairs']['stage1_target']:+.2f} (pearson {r['pairs']['pearson']:.2f})")
+    return lines
+
+
 # ----------------------------------------------------------------------------- step 5: decoding
 
 class Bench:
@@ -395,6 +475,9 @@ def main(argv=None) -> dict:
     _say(f"4/5 Stage 2: TFPO and GenARM LoRA doctors, {args.train_steps} steps each")
     docs = train_doctors(root, patient["patient"], args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    docs["probe"] = probe_doctors(root, docs["paths"], n_prompts=args.n_eval)
+    for line in probe_lines(docs["probe"]):
+        _say("    " + line)
 
     _say("5/5 decoding held-out prompts in one engine")
     from transformers import AutoTokenizer
@@ -431,7 +514,8 @@ def main(argv=None) -> dict:
         f"# Alignment quality on the toy task\n\n`{result['command']}`\n\n{result['task']}.\n"
         f"{result['reward_model']}.\n\nCompute: {result['compute_unit']}.\n\n" + table_md
         + f"\nTargets: {json.dumps(result['targets'])}\n\nTargets with perplexity <= 1.5x the patient's: "
-          f"{json.dumps(result['targets_fluent'])}\n\nStage 1: {json.dumps(s1)}\n")
+          f"{json.dumps(result['targets_fluent'])}\n\nStage 1: {json.dumps(s1)}\n\nWhat the doctors learned "
+          "(probe_doctors):\n\n" + "".join(f"- {line}\n" for line in probe_lines(docs["probe"])))
     plot(methods, out / f"{args.name}.png", "distinct_2", "distinct-2 of the replies (diversity)")
     plot(methods, out / f"{args.name}_compute.png", "compute", "compute: token forwards per prompt (log)", logx=True)
     print(table_md)

@@ -114,5 +114,6 @@ def test_quick_benchmark_end_to_end(tmp_path):
             assert p["perplexity"] > 1 and p["compute"] > 0
     assert res["methods"]["patient"][0]["win_rate"] == 0.5
     assert 0 < res["stage1"]["fraction_rewarded"] <= 1 and "pearson_gap" in res["stage1"]
+    assert set(res["doctors"]["probe"]) == {"tfpo", "genarm"}
     for f in ("quality.md", "quality.png", "quality_compute.png"):
         assert (out / f).stat().st_size > 0
