@@ -4,7 +4,8 @@ For GPU machines without vLLM (or to see the doctor's share in isolation). Build
 models of real shapes in memory (default: a Qwen2.5-7B-shaped patient and a 1.5B-shaped doctor,
 bf16; nothing is downloaded) and times, per batch size B and cached length L:
 
-- ``patient_step_ms``: one decode step of the patient in transformers (eager, KV cache of L);
+- ``patient_step_ms``: one decode step of the patient in transformers (eager, KV cache of L,
+  SDPA without the cuDNN backend, which re-plans for every new key length);
   a vLLM step with CUDA graphs is faster, so the patient's weight-streaming floor
   (``patient_floor_ms`` = weight bytes / memory bandwidth, if ``--bandwidth-gbs`` is given) is
   reported beside it;
@@ -101,8 +102,12 @@ def patient_step(model, B, L, repeats, sync):
     import torch
     from transformers import DynamicCache
 
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     ids = torch.randint(2, min(1000, model.config.vocab_size), (B, L), device=model.device)
-    with torch.inference_mode():
+    # not cuDNN attention, which re-plans for every new key length (as DoctorRunner avoids it too)
+    backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with torch.inference_mode(), sdpa_kernel(backends):
         cache = DynamicCache()
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         tok = ids[:, -1:]
