@@ -322,7 +322,9 @@ def run_decoding(bench: Bench, args) -> dict:
     """Every method over its sweep; returns ``{method: [points]}``."""
     tw = bench.tw
     k = args.args_k
-    methods = {m: [] for m in METHODS}
+    sizes = sorted(set(args.best_of) | {4, 16})  # the issue's keys always present (best-of-16 empty in --quick)
+    methods = {m: [] for m in METHODS if not m.startswith("best_of_")}
+    methods = {**{m: v for m, v in methods.items() if m != "aisp"}, **{f"best_of_{n}": [] for n in sizes}, "aisp": []}
 
     texts, toks, dt = bench.sample()
     methods["patient"].append(bench.point({}, [t[0] for t in texts], _compute(toks, dt)))
@@ -344,7 +346,7 @@ def run_decoding(bench: Bench, args) -> dict:
     for n in args.best_of:
         texts, toks, dt = bench.sample(n=n)
         best = [ts[int(np.argmax(tw.toy_rewards(ts)))] for ts in texts]
-        methods.setdefault(f"best_of_{n}", []).append(bench.point({"N": n}, best, _compute(toks, dt, rm=toks)))
+        methods[f"best_of_{n}"].append(bench.point({"N": n}, best, _compute(toks, dt, rm=toks)))
 
     from llmdoctor_vllm.baselines.aisp import aisp_generate
 
@@ -411,7 +413,8 @@ def markdown_table(methods: dict) -> str:
             "|---|---|---|---|---|---|---|---|---|"]
     for m, pts in methods.items():
         for p in pts:
-            rows.append(f"| {LABELS.get(m, m)} | {_fmt_setting(p['setting'])} | {p['reward']:+.2f} | "
+            label = LABELS.get(m, f"best-of-{m[8:]} (oracle RM)" if m.startswith("best_of_") else m)
+            rows.append(f"| {label} | {_fmt_setting(p['setting'])} | {p['reward']:+.2f} | "
                         f"{p['win_rate']:.2f} | {p['distinct_2']:.3f} | {p['self_bleu']:.3f} | "
                         f"{p['perplexity']:.2f} | {p['wellformed']:.0%} | {p['compute']:.0f} |")
     return "\n".join(rows) + "\n"
