@@ -85,12 +85,13 @@ def device_name() -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-def write_results(name: str, payload: dict) -> Path:
-    """Writes ``benchmarks/results/<name>.json`` with the command that produced it."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
+def write_results(name: str, payload: dict, directory: str | Path | None = None) -> Path:
+    """Writes ``<directory>/<name>.json`` (default ``benchmarks/results``) with the command that produced it."""
+    directory = Path(directory or RESULTS)
+    directory.mkdir(parents=True, exist_ok=True)
     payload = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
                "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
-    path = RESULTS / f"{name}.json"
+    path = directory / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 

@@ -45,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=16, help="rank of the LoRA doctor for the delta-rule row")
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="device memory bandwidth, for the floor")
     p.add_argument("--repeats", type=int, default=20)
-    p.add_argument("--output", default="runner_cost", help="results name under benchmarks/results/")
+    p.add_argument("--output", default="runner_cost", help="results name (a .json and a .png)")
+    p.add_argument("--output-dir", default=None, help="where the results go (default: benchmarks/results)")
     return p.parse_args(argv)
 
 
@@ -190,7 +191,7 @@ def main(argv=None):
               "dtype": args.dtype, "patient_gb": p_bytes / 1e9, "doctor_gb": d_bytes / 1e9, "limit_ratio": limit,
               "note": "random-init weights; patient timed in transformers (eager), doctor with DoctorRunner (eager)",
               "rows": rows}
-    path = write_results(args.output, result)
+    path = write_results(args.output, result, args.output_dir)
     plot(result, path.with_suffix(".png"))
     print("wrote", path)
 

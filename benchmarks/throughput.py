@@ -34,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--step-lengths", type=int, nargs="*", default=[256, 512, 1024, 2048],
                    help="cached lengths for the doctor step-cost table (empty to skip)")
     p.add_argument("--workdir", help="where to build the models (default: temp dir)")
-    p.add_argument("--output", default="throughput", help="results name under benchmarks/results/")
+    p.add_argument("--output", default="throughput", help="results name (a .json and a .png)")
+    p.add_argument("--output-dir", default=None, help="where the results go (default: benchmarks/results)")
     p.add_argument("--hf-loop-worker", help=argparse.SUPPRESS)  # internal: run the HF loop in a fresh process
     return p.parse_args(argv)
 
@@ -281,7 +282,7 @@ def main(argv=None):
     if args.step_lengths:
         result["doctor_step_cost"] = doctor_step_cost(pair, args.step_lengths, 8, device,
                                                       torch.float32 if dtype == "float32" else torch.bfloat16)
-    path = write_results(args.output, result)
+    path = write_results(args.output, result, args.output_dir)
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     for r in result["ratios"]:

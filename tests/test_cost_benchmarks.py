@@ -1,0 +1,43 @@
+"""Smoke tests: the throughput and runner-cost benchmarks run at their smallest settings and write
+well-formed results (numbers are the benchmarks' business, not the tests')."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _run(script: str, *args: str) -> None:
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_throughput_smallest(tmp_path):
+    _run("throughput.py", "--batch-sizes", "1", "2", "--prompt-len", "8", "--output-len", "4", "--repeats", "1",
+         "--step-lengths", "32", "--workdir", str(tmp_path / "models"), "--output-dir", str(tmp_path))
+    result = json.loads((tmp_path / "throughput.json").read_text())
+    assert (tmp_path / "throughput.png").stat().st_size > 0
+    modes = {(r["mode"], r["batch_size"]) for r in result["rows"]}
+    assert modes == {(m, b) for m in ("plain", "guided", "guided_2_doctors", "hf_loop") for b in (1, 2)}
+    for r in result["rows"]:
+        assert r["output_tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["tpot_ms"] >= 0, r
+    assert 0 < result["limit_ratio"] < 1
+    assert [s["cached_tokens"] for s in result["doctor_step_cost"]] == [32]
+
+
+def test_runner_cost_smallest(tmp_path):
+    _run("runner_cost.py", "--shapes", "tiny", "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1", "2",
+         "--lengths", "16", "--repeats", "1", "--output-dir", str(tmp_path))
+    result = json.loads((tmp_path / "runner_cost.json").read_text())
+    assert (tmp_path / "runner_cost.png").stat().st_size > 0
+    assert [(r["batch_size"], r["cached_tokens"]) for r in result["rows"]] == [(1, 16), (2, 16)]
+    for r in result["rows"]:
+        assert r["patient_step_ms"] > 0 and r["doctor_step_ms"] > 0 and r["doctor_delta_ms"] > 0
+        assert 0 < r["est_ratio"] < 1
