@@ -223,6 +223,31 @@ def run_soak(rounds: int, n_requests: int, workdir: Path, kv_bytes: int = 160 * 
     return result
 
 
+def plot(result: dict, path: Path) -> None:
+    """Per round: p50/p99 latency of plain and guided requests, and the server's memory."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = result["rounds"]
+    x = range(1, len(rounds) + 1)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for kind, style in (("plain", "-o"), ("guided", "--s")):
+        for q in ("p50", "p99"):
+            a.plot(x, [r[f"{q}_latency_s"][kind] or 0 for r in rounds], style, label=f"{kind} {q}")
+    a.set(xlabel="round", ylabel="latency (s)", title="request latency", xticks=list(x))
+    a.legend(fontsize=8)
+    b.plot(x, [r["server_rss_mb_start"] for r in rounds], "-o", label="start of round")
+    b.plot(x, [r["server_rss_mb_end"] for r in rounds], "--s", label="end of round")
+    b.set(xlabel="round", ylabel="server RSS (MB)", xticks=list(x), title=f"lost {sum(r['lost'] for r in rounds)}, mismatches "
+          f"{sum(r['mismatches_vs_offline'] for r in rounds)}")
+    b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
@@ -237,7 +262,9 @@ def main(argv=None):
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmdoctor-soak-"))
     result = run_soak(args.rounds, args.requests, work, args.kv_cache_bytes, args.max_num_seqs)
-    print("wrote", write_results(args.output, result))
+    path = write_results(args.output, result)
+    plot(result, path.with_suffix(".png"))
+    print("wrote", path, "and", path.with_suffix(".png"))
 
 
 if __name__ == "__main__":
