@@ -37,3 +37,31 @@ def test_steps_equal_full_forward(doctor, key_bucket):
             want = [torch.log_softmax(doctor(torch.tensor([h])).logits[0, -1].float(), -1) for h in history]
         torch.testing.assert_close(got, torch.stack(want), atol=2e-5, rtol=0)
     assert runner.lengths[sids].tolist() == [len(h) for h in history]
+
+
+def test_lora_rows_with_and_without_adapter(doctor):
+    """A LoRA doctor stepped with some rows' adapter off (the delta rule's reference rows) gives
+    those rows the base model's log-probs and the others the adapted model's, in one forward."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    lora = get_peft_model(copy.deepcopy(doctor), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                            target_modules="all-linear")).eval()
+    runner = DoctorRunner(lora, device="cpu", dtype=torch.float32, cache_tokens=512, max_streams=4, max_len=96)
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(0, 96, size=n).tolist() for n in (7, 12, 7, 3)]
+    off = np.array([False, True, True, False])
+    sids = np.array([runner.new_stream() for _ in seqs])
+    history = [[] for _ in seqs]
+    for new in [seqs, [[3], [4], [5], [6]], [[7, 8], [9], [10, 11], [12]]]:
+        got = runner.step(sids, new, adapter_off=off)
+        history = [h + t for h, t in zip(history, new)]
+        with torch.inference_mode():
+            adapted = [torch.log_softmax(lora(torch.tensor([h])).logits[0, -1], -1) for h in history]
+            with lora.disable_adapter():
+                base = [torch.log_softmax(lora(torch.tensor([h])).logits[0, -1], -1) for h in history]
+        want = torch.stack([b if o else a for a, b, o in zip(adapted, base, off)])
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        assert (got[0] - base[0]).abs().max() > 1e-3  # the adapter does change the adapted rows
