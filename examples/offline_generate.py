@@ -16,15 +16,18 @@ def main():
     p.add_argument("--doctor", help="doctor checkpoint path (default: build a tiny one here)")
     p.add_argument("--beta", type=float, default=0.8)
     args = p.parse_args()
+    engine_kw = {}
     if not args.patient:
         from llmdoctor_vllm.toy import build_tiny_pair
 
         pair = build_tiny_pair(tempfile.mkdtemp(prefix="llmdoctor-example-"))
         args.patient, args.doctor = pair["patient"], pair["doctors"]["doctor0"]
+        # tiny models: a small KV cache (the CPU backend otherwise reserves 92% of a NUMA node)
+        engine_kw = dict(kv_cache_memory_bytes=256 << 20, dtype="float32")
 
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.patient, max_model_len=512, enforce_eager=True,
+    llm = LLM(model=args.patient, max_model_len=512, enforce_eager=True, **engine_kw,
               additional_config={"llmdoctor": {"doctors": {"helpful": args.doctor}, "alpha": 1.0, "beta": 0.0}})
     prompts = ["The doctor kindly", "A small bird", "Our team"]
     plain = SamplingParams(max_tokens=24, temperature=0.0)

@@ -46,7 +46,8 @@ def main():
     # up its own version, so the module is started directly.
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", pair["patient"],
            "--served-model-name", "patient", "--host", "127.0.0.1", "--port", str(port), "--enforce-eager",
-           "--max-model-len", "512", "--additional-config", json.dumps(config)]
+           "--max-model-len", "512", "--kv-cache-memory-bytes", str(256 << 20),  # tiny models: a small KV cache
+           "--additional-config", json.dumps(config)]
     server = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
