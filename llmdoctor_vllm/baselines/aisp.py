@@ -36,9 +36,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from vllm.v1.sample.logits_processor.interface import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from llmdoctor_vllm.baselines import as_float_vector, check_keys, move_slot, number
+from llmdoctor_vllm.baselines import as_float_vector, check_keys, number
+from llmdoctor_vllm.baselines.slots import SlotProcessor
 
 logger = logging.getLogger("llmdoctor_vllm")
 
@@ -134,8 +134,10 @@ def parse_request(extra: dict | None) -> dict | None:
     return out
 
 
-class AISPLogitsProcessor(LogitsProcessor):
+class AISPLogitsProcessor(SlotProcessor):
     """Adds ``v_t @ W.T`` to the logits of AISP requests at output positions ``t < tau``."""
+
+    name = "aisp"
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool = False):
         mc = vllm_config.model_config
@@ -145,25 +147,20 @@ class AISPLogitsProcessor(LogitsProcessor):
         self.W = load_output_embedding(self.model_path, self.hf_config).to(self.device, mc.dtype)
         logger.info("aisp: output embedding %s from %s", tuple(self.W.shape), self.model_path)
         slots = vllm_config.scheduler_config.max_num_seqs
-        self.active = np.zeros(slots, dtype=bool)
+        super().__init__(slots)
         self.tau = np.zeros(slots, dtype=np.int64)
         self.outputs: list = [None] * slots  # live output-token lists (their length is the position)
         self.v = torch.zeros((slots, 0, self.hidden), device=self.device)  # grows to the largest tau
-        self.count = 0
 
     @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        """Rejects malformed ``aisp_*`` arguments (ValueError: HTTP 400)."""
-        parse_request(sampling_params.extra_args)
+    def parse_request(cls, extra: dict | None):
+        return parse_request(extra)
 
-    def is_argmax_invariant(self) -> bool:
-        """The perturbation changes which token wins."""
-        return False
+    def _slot_arrays(self) -> tuple:
+        return (self.active, self.tau, self.v)
 
     def _remove(self, slot: int) -> None:
-        if self.active[slot]:
-            self.active[slot] = False
-            self.count -= 1
+        super()._remove(slot)
         self.outputs[slot] = None
 
     def _add(self, slot: int, req: dict, output: list) -> None:
@@ -187,28 +184,10 @@ class AISPLogitsProcessor(LogitsProcessor):
         self.active[slot] = True
         self.count += 1
 
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
-        for slot in batch_update.removed:
-            self._remove(slot)
-        for slot, params, _, output in batch_update.added:
-            self._remove(slot)
-            try:
-                req = parse_request(params.extra_args)
-            except ValueError as e:
-                logger.warning("aisp: request not perturbed: %s", e)
-                req = None
-            if req is not None:
-                self._add(slot, req, output)
-        for a, b, direction in batch_update.moved:
-            swap = direction == MoveDirectionality.SWAP
-            if not swap:
-                self._remove(b)
-            move_slot((self.active, self.tau, self.v), a, b, swap)
-            self.outputs[a], self.outputs[b] = (self.outputs[b] if swap else None), self.outputs[a]
-            if not swap:
-                self.active[a] = False
+    def _move(self, a: int, b: int, swap: bool) -> None:
+        out_a, out_b = self.outputs[a], self.outputs[b]  # the live output lists move with their requests
+        super()._move(a, b, swap)
+        self.outputs[b], self.outputs[a] = out_a, (out_b if swap else None)
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.count:

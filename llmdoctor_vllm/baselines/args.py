@@ -36,9 +36,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from vllm.v1.sample.logits_processor.interface import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from llmdoctor_vllm.baselines import as_float_vector, check_keys, move_slot, number
+from llmdoctor_vllm.baselines import as_float_vector, check_keys, number
+from llmdoctor_vllm.baselines.slots import SlotProcessor
 
 logger = logging.getLogger("llmdoctor_vllm")
 
@@ -84,16 +84,18 @@ def load_table(spec, vocab_size: int) -> np.ndarray:
     return np.pad(table, (0, vocab_size - len(table)))
 
 
-class ARGSLogitsProcessor(LogitsProcessor):
+class ARGSLogitsProcessor(SlotProcessor):
     """ARGS over per-request ``args_w`` / ``args_k``; all guided rows in one batched top-k."""
+
+    name = "args"
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool = False):
         slots = vllm_config.scheduler_config.max_num_seqs
-        self.active = np.zeros(slots, dtype=bool)
+        super().__init__(slots)
         self.w = np.zeros(slots, dtype=np.float32)
         self.k = np.zeros(slots, dtype=np.int64)
-        self.count = 0
         self.table = None
+        self.default_k = DEFAULT_K
         cfg = (getattr(vllm_config, "additional_config", None) or {}).get("args")
         if cfg is None:
             return
@@ -103,47 +105,27 @@ class ARGSLogitsProcessor(LogitsProcessor):
         logger.info("args: token reward table of %d entries, default k=%d", vocab, self.default_k)
 
     @classmethod
-    def validate_params(cls, sampling_params) -> None:
-        """Rejects malformed ``args_*`` arguments (ValueError: HTTP 400)."""
-        parse_request(sampling_params.extra_args)
+    def parse_request(cls, extra: dict | None):
+        return parse_request(extra)
 
-    def is_argmax_invariant(self) -> bool:
-        """The reward term changes which token wins, so greedy requests are steered too."""
-        return False
+    def _slot_arrays(self) -> tuple:
+        return (self.active, self.w, self.k)
 
-    def _remove(self, slot: int) -> None:
-        if self.active[slot]:
-            self.active[slot] = False
-            self.count -= 1
+    def _parse_added(self, params):
+        if self.table is None:  # no table configured: idle, and say so to ARGS requests
+            if "args_w" in (params.extra_args or {}):
+                logger.warning("args: no 'args' section in additional_config; request not guided")
+            return None
+        try:
+            return parse_request(params.extra_args, self.default_k)
+        except ValueError as e:
+            logger.warning("args: request not guided: %s", e)
+            return None
 
-    def update_state(self, batch_update: BatchUpdate | None) -> None:
-        if batch_update is None:
-            return
-        if self.table is None:
-            for _, params, _, _ in batch_update.added:
-                if "args_w" in (params.extra_args or {}):
-                    logger.warning("args: no 'args' section in additional_config; request not guided")
-            return
-        for slot in batch_update.removed:
-            self._remove(slot)
-        for slot, params, _, _ in batch_update.added:
-            self._remove(slot)
-            try:
-                req = parse_request(params.extra_args, self.default_k)
-            except ValueError as e:
-                logger.warning("args: request not guided: %s", e)
-                req = None
-            if req is not None:
-                self.active[slot] = True
-                self.w[slot], self.k[slot] = req
-                self.count += 1
-        for a, b, direction in batch_update.moved:
-            swap = direction == MoveDirectionality.SWAP
-            if not swap:
-                self._remove(b)
-            move_slot((self.active, self.w, self.k), a, b, swap)
-            if not swap:
-                self.active[a] = False
+    def _add(self, slot: int, req: tuple[float, int], output: list) -> None:
+        self.active[slot] = True
+        self.w[slot], self.k[slot] = req
+        self.count += 1
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         if not self.count:
