@@ -85,14 +85,21 @@ def device_name() -> str:
     return f"CPU {platform.processor() or platform.machine()} x{os.cpu_count()}"
 
 
-def write_results(name: str, payload: dict, directory: str | Path | None = None) -> Path:
-    """Writes ``<directory>/<name>.json`` (default ``benchmarks/results``) with the command that produced it."""
+def command_line(script: str, argv=None) -> str:
+    """``python benchmarks/<script> ARGS``: how to rerun a benchmark (``argv`` default: this process's)."""
+    argv = sys.argv[1:] if argv is None else argv
+    return "python " + shlex.join([f"benchmarks/{Path(script).name}", *map(str, argv)])
+
+
+def write_results(name: str, payload: dict, directory: str | Path | None = None, command: str | None = None,
+                  indent: int = 2) -> Path:
+    """Writes ``<directory>/<name>.json`` (default ``benchmarks/results``), the command that produced it first."""
     directory = Path(directory or RESULTS)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    payload = {"command": command or "python " + shlex.join(sys.argv),
                "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
     path = directory / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps(payload, indent=indent, default=float) + "\n")
     return path
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -492,8 +491,6 @@ def main(argv=None) -> dict:
     methods = run_decoding(bench, args)
 
     result = {
-        "command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "task": "toy instruction world (llmdoctor_vllm/toy_world.py): reward = #good - #bad words of a reply; "
                 f"{args.n_eval} held-out prompts (seed {EVAL_SEED}), sampled at temperature 1, max {args.max_tokens} "
                 "tokens, stop at newline, request i seeded 1000+i (best-of-N: 10^6 + 1000 i + j)",
@@ -510,11 +507,13 @@ def main(argv=None) -> dict:
         "methods": methods, "targets": targets(methods), "targets_fluent": targets(methods, ppl_factor=1.5),
         "seconds": {"total": time.perf_counter() - t_start, "decoding": time.perf_counter() - t_dec},
     }
-    path = out / f"{args.name}.json"
-    path.write_text(json.dumps(result, indent=1, default=float) + "\n")
+    from common import command_line, write_results
+
+    command = command_line(__file__, argv)
+    path = write_results(args.name, result, out, command, indent=1)
     table_md = markdown_table(methods)
     (out / f"{args.name}.md").write_text(
-        f"# Alignment quality on the toy task\n\n`{result['command']}`\n\n{result['task']}.\n"
+        f"# Alignment quality on the toy task\n\n`{command}`\n\n{result['task']}.\n"
         f"{result['reward_model']}.\n\nCompute: {result['compute_unit']}.\n\n" + table_md
         + f"\nTargets: {json.dumps(result['targets'])}\n\nTargets with perplexity <= 1.5x the patient's: "
           f"{json.dumps(result['targets_fluent'])}\n\nStage 1: {json.dumps(s1)}\n\nWhat the doctors learned "

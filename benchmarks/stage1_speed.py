@@ -29,10 +29,8 @@ busy shared machine hurts neither more. The patient is a random-init Qwen2 built
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -284,12 +282,9 @@ def main(argv=None) -> dict:
                     "vllm_pipeline includes the pipeline's own work (row checks, tokenising, rewards, "
                     "save_to_disk), not only scoring"],
     }
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.name}.json"
-    cmd = "python benchmarks/stage1_speed.py " + " ".join(shlex.quote(a) for a in argv)
-    path.write_text(json.dumps({"command": cmd.strip(), "date": time.strftime("%Y-%m-%d %H:%M:%S"), **result},
-                               indent=2) + "\n")
+    from common import command_line, write_results
+
+    path = write_results(args.name, result, args.output_dir, command_line(__file__, argv))
     plot(result, path.with_suffix(".png"))
     for r in rows:
         print(f"{r['scorer']:>14}: {r['tokens_per_s']:9.0f} tokens/s ({r['response_tokens_per_s']:8.0f} response "

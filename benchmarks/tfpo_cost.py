@@ -25,10 +25,8 @@ small random-init Qwen2-shaped doctor (built here, nothing downloaded) is the ha
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shlex
 import statistics
 import sys
 import tempfile
@@ -201,17 +199,6 @@ def machine_info(torch, device: str) -> dict:
     return info
 
 
-def write_json(out_dir: str | Path, name: str, argv: list[str], payload: dict) -> Path:
-    """``OUT/<name>.json`` with the command that produced it first (as ``common.write_results``, any folder)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    payload = {"command": "python benchmarks/tfpo_cost.py " + " ".join(shlex.quote(a) for a in argv),
-               "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    return path
-
-
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -262,6 +249,7 @@ def main(argv=None) -> dict:
 
 
 def _run(args, argv, torch) -> dict:
+    from common import command_line, write_results
     from llmdoctor_vllm.toy import build_tokenizer
     from train.tfpo_trainer import TFPOConfig, TFPOTrainer
 
@@ -308,8 +296,8 @@ def _run(args, argv, torch) -> dict:
         result["caveats"].append("CPU run on a machine shared with other jobs: absolute times are noisy")
     else:
         result["caveats"].append("on a GPU the loss's wall time is mostly host work (about 200 small kernel "
-                                 "launches and a device-to-host sync per mask check), hence nearly flat in L")
-    path = write_json(args.output_dir, args.name, argv, result)
+                                 "launches; dropping the mask checks' device syncs did not change it on an H100), hence nearly flat in L")
+    path = write_results(args.name, result, args.output_dir, command_line(__file__, argv))
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return result

@@ -62,7 +62,7 @@ def run_demo(workdir: str | None = None, betas=(1.0, 2.0), train_steps: int = 30
                     "--report-to", "none", "--trained-for", "toy: good words"])
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    _say(f"5/5 Stage 3: plain vs guided decoding in one vLLM engine")
+    _say("5/5 Stage 3: plain vs guided decoding in one vLLM engine")
     return compare_decoding(patient, str(root / "doctor"), betas, rules, n_eval, engine_kw) | {"workdir": str(root)}
 
 
