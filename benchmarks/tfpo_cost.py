@@ -6,9 +6,9 @@ real trainer code, three ways, interleaved over ``--repeats`` rounds (medians re
 
 - ``fwd_bwd_ms``: ``TFPOTrainer._response_terms`` (the doctor's forward, per-token log-probs,
   the value head) and the backward of a stand-in scalar over its outputs: the model's cost;
-- ``loss_ms``: the TFPO branch of ``TFPOTrainer.compute_loss`` on detached copies of those
-  outputs (``prefix_log_q``, ``apply_boundary``, ``subtb_loss`` with the chosen weighting,
-  ``value_discrimination_loss``, the trajectory metric) and its backward: the loss's cost;
+- ``loss_ms``: ``train.tfpo_trainer.tfpo_objective`` (what ``compute_loss`` calls: SubTB with the
+  chosen weighting, value discrimination, the trajectory metric) on detached copies of those
+  outputs, and its backward: the loss's cost;
 - ``step_ms``: the trainer's real ``compute_loss`` + ``backward``, for the first weighting only
   (a cross-check: about the sum of the two).
 
@@ -111,28 +111,10 @@ def make_examples(n_pairs: int, prompt_len: int, L: int, vocab: int, seed: int =
     return rows
 
 
-def tfpo_loss_as_trainer(logp, log_v, inputs, cfg):
-    """The TFPO branch of ``TFPOTrainer.compute_loss`` (same calls, same order, metrics included)."""
-    from train.tfpo_loss import apply_boundary, prefix_log_q, subtb_loss, value_discrimination_loss
-
-    mask, rewards = inputs["response_mask"], inputs["rewards"]
-    B = mask.shape[0] // 2
-    sum_logp = (logp * mask).sum(dim=1)
-    margin = sum_logp[:B] - sum_logp[B:]
-    metrics = [(margin > 0).float().mean(), margin.mean()]
-    log_q = prefix_log_q(rewards, mask)
-    log_v = apply_boundary(log_v, mask)
-    subtb = subtb_loss(logp, log_q, log_v, mask, weighting=cfg.subtb_weighting, lam=cfg.subtb_lambda)
-    ids = inputs["response_ids"]
-    value = value_discrimination_loss(log_v[:B], log_v[B:], rewards[:B], rewards[B:], mask[:B], mask[B:],
-                                      ids[:B], ids[B:], gamma=cfg.gamma)
-    traj = subtb_loss(logp, log_q, log_v, mask, weighting="trajectory", return_per_sequence=True)
-    metrics.append(traj.detach().sqrt().mean())
-    return subtb + cfg.lam * value, metrics
-
-
 def time_length(trainer, model, L, args, torch, sync) -> list[dict]:
     """Medians of fwd+bwd, loss (per weighting) and the full step for one response length."""
+    from train.tfpo_trainer import tfpo_objective
+
     vocab = model.get_input_embeddings().weight.shape[0]
     batch = trainer._prepare_inputs(trainer.data_collator(make_examples(args.batch_size, args.prompt_len, L, vocab)))
 
@@ -152,7 +134,7 @@ def time_length(trainer, model, L, args, torch, sync) -> list[dict]:
 
     def loss_once():
         logp, log_v = logp0.clone().requires_grad_(True), log_v0.clone().requires_grad_(True)
-        loss, _metrics = tfpo_loss_as_trainer(logp, log_v, batch, trainer.args)  # metrics: read at log time
+        loss, _metrics = tfpo_objective(logp, log_v, batch, trainer.args)  # the trainer's own TFPO loss
         loss.backward()
 
     def step():
@@ -296,7 +278,8 @@ def _run(args, argv, torch) -> dict:
         result["caveats"].append("CPU run on a machine shared with other jobs: absolute times are noisy")
     else:
         result["caveats"].append("on a GPU the loss's wall time is mostly host work (about 200 small kernel "
-                                 "launches; dropping the mask checks' device syncs did not change it on an H100), hence nearly flat in L")
+                                 "launches; dropping the mask checks' device syncs did not change it on an "
+                                 "H100), hence nearly flat in L")
     path = write_results(args.name, result, args.output_dir, command_line(__file__, argv))
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")

@@ -203,6 +203,21 @@ def check_resume_checkpoint(path: str | os.PathLike, *, lora: bool, head: ValueH
         raise ResumeCheckpointError(path, f"missing, corrupt or mis-shaped {VALUE_HEAD_NAME}: {e}") from None
 
 
+def tfpo_objective(logp: torch.Tensor, log_v: torch.Tensor, inputs: dict, args: "TFPOConfig"):
+    """TFPO's loss on a collated batch (B chosen rows, then their B rejected rows): SubTB with the
+    configured weighting + ``lam`` x value discrimination; returns ``(loss, metrics)``."""
+    mask, rewards, ids = inputs["response_mask"], inputs["rewards"], inputs["response_ids"]
+    B = mask.shape[0] // 2
+    log_q = prefix_log_q(rewards, mask)
+    log_v = apply_boundary(log_v, mask)
+    subtb = subtb_loss(logp, log_q, log_v, mask, weighting=args.subtb_weighting, lam=args.subtb_lambda)
+    value = value_discrimination_loss(log_v[:B], log_v[B:], rewards[:B], rewards[B:], mask[:B], mask[B:],
+                                      ids[:B], ids[B:], gamma=args.gamma)
+    traj = subtb_loss(logp, log_q, log_v, mask, weighting="trajectory", return_per_sequence=True)
+    return subtb + args.lam * value, {"subtb": subtb, "value_loss": value,
+                                      "flow_residual": traj.detach().sqrt().mean()}
+
+
 class TFPOTrainer(Trainer):
     """Trains a doctor LM + value head with TFPO (``L_SubTB + lam * L_value``) or GenARM's loss.
 
@@ -293,21 +308,14 @@ class TFPOTrainer(Trainer):
         args: TFPOConfig = self.args
         tfpo = args.loss_type == "tfpo"
         logp, log_v = self._response_terms(model, inputs, need_values=tfpo)
-        mask, rewards = inputs["response_mask"], inputs["rewards"]
+        mask = inputs["response_mask"]
         B = mask.shape[0] // 2
         sum_logp = (logp * mask).sum(dim=1)
         margin = sum_logp[:B] - sum_logp[B:]
         metrics = {"pairs_ranked_right": (margin > 0).float().mean(), "logp_margin": margin.mean()}
         if tfpo:
-            log_q = prefix_log_q(rewards, mask)
-            log_v = apply_boundary(log_v, mask)
-            subtb = subtb_loss(logp, log_q, log_v, mask, weighting=args.subtb_weighting, lam=args.subtb_lambda)
-            ids = inputs["response_ids"]
-            value = value_discrimination_loss(log_v[:B], log_v[B:], rewards[:B], rewards[B:], mask[:B], mask[B:],
-                                              ids[:B], ids[B:], gamma=args.gamma)
-            loss = subtb + args.lam * value
-            traj = subtb_loss(logp, log_q, log_v, mask, weighting="trajectory", return_per_sequence=True)
-            metrics.update(subtb=subtb, value_loss=value, flow_residual=traj.detach().sqrt().mean())
+            loss, tfpo_metrics = tfpo_objective(logp, log_v, inputs, args)
+            metrics.update(tfpo_metrics)
         else:
             loss = genarm_loss(sum_logp[:B], sum_logp[B:], beta_r=args.genarm_beta)
             metrics["genarm_loss"] = loss
