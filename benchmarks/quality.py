@@ -116,8 +116,7 @@ def stage1(root: Path, patient: str, args) -> dict:
         prefs = tw.make_preference_dataset(patient, n_prompts=args.pair_prompts,
                                            samples_per_prompt=args.samples_per_prompt, seed=0,
                                            max_new_tokens=args.max_tokens)
-        # the patient reads "...Assistant: <reply>": Stage 1 scores the reply with its leading space
-        prefs = prefs.map(lambda r: {"chosen": " " + r["chosen"], "rejected": " " + r["rejected"]})
+        prefs = tw.as_scored(prefs)  # replies with the space after "Assistant:", as Stage 1 scores them
         prefs.save_to_disk(str(root / "prefs"))
         scorer = LLM(model=patient, **ENGINE_KW)
         compute_rewards(prefs, patient, out, llm=scorer, progress=False)

@@ -67,8 +67,7 @@ def main(argv=None) -> dict:
     print(f"      patient's mean reward: positive instruction {built['rewards']['pos']:+.2f}, "
           f"negative {built['rewards']['neg']:+.2f}, none {built['rewards']['neutral']:+.2f}")
     prefs = tw.make_preference_dataset(patient, n_prompts=args.pair_prompts, samples_per_prompt=4, seed=0)
-    # the patient reads "...Assistant: <reply>", so Stage 1 scores each reply with its leading space
-    prefs = prefs.map(lambda r: {"chosen": " " + r["chosen"], "rejected": " " + r["rejected"]})
+    prefs = tw.as_scored(prefs)  # replies with the space after "Assistant:", as Stage 1 scores them
     prefs.to_json(str(root / "prefs.jsonl"))
     print(f"      {len(prefs)} pairs (mean reward gap {tw.preference_gap(prefs):.2f}) -> {root / 'prefs.jsonl'}")
 

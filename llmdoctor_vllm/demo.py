@@ -40,8 +40,7 @@ def run_demo(workdir: str | None = None, betas=(1.0, 2.0), train_steps: int = 30
 
     _say("2/5 sampling preference pairs from the patient, ranked by the task reward")
     prefs = tw.make_preference_dataset(patient, n_prompts=256, samples_per_prompt=4, seed=0)
-    # the patient reads "...Assistant: <reply>": Stage 1 scores the reply with its leading space
-    prefs = prefs.map(lambda r: {"chosen": " " + r["chosen"], "rejected": " " + r["rejected"]})
+    prefs = tw.as_scored(prefs)  # replies with the space after "Assistant:", as Stage 1 scores them
     print(f"    {len(prefs)} pairs, mean reward gap {tw.preference_gap(prefs):.2f}")
 
     _say("3/5 Stage 1: token rewards from the patient in vLLM (positive vs negative instruction)")

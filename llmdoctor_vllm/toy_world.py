@@ -345,6 +345,12 @@ def make_preference_dataset(patient_dir: str | Path, n_prompts: int = 256, sampl
     return Dataset.from_dict(cols)
 
 
+def as_scored(ds):
+    """The pairs as Stage 1 scores them: each reply after the space that follows ``"Assistant:"``
+    (the patient read ``"... Assistant: <reply>"`` in training, so the space belongs to the reply)."""
+    return ds.map(lambda r: {"chosen": " " + r["chosen"], "rejected": " " + r["rejected"]})
+
+
 def preference_gap(ds) -> float:
     """Mean ``chosen_reward - rejected_reward`` over a preference dataset's rows."""
     return float(np.mean(np.asarray(ds["chosen_reward"]) - np.asarray(ds["rejected_reward"]))) if len(ds) else 0.0

@@ -8,6 +8,7 @@ import pytest
 from llmdoctor_vllm.toy_world import (
     NEGATIVE_INSTRUCTION,
     POSITIVE_INSTRUCTION,
+    as_scored,
     build_toy_patient,
     format_example,
     format_prompt,
@@ -113,3 +114,6 @@ def test_preference_dataset(toy_patient):
     assert all(not p.startswith("User:") and not x.startswith(" ") for p, x in zip(ds["prompt"], ds["chosen"]))
     again = make_preference_dataset(toy_patient["patient"], n_prompts=48, samples_per_prompt=4, seed=0)
     assert again["chosen"] == ds["chosen"] and again["rejected"] == ds["rejected"]
+    scored = as_scored(ds)  # what Stage 1 reads after "Assistant:"
+    assert scored["chosen"] == [" " + c for c in ds["chosen"]]
+    assert scored["rejected"] == [" " + r for r in ds["rejected"]]
