@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ADAPTER_OFF = "__base__"  # peft's name for "no adapter" in a mixed-adapter batch
 
 
 class DoctorCacheFull(RuntimeError):
@@ -105,22 +104,20 @@ def _fuse(mods: list) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
-def _linear(module, x, mix):
-    """Calls a (possibly LoRA-wrapped) linear layer. ``mix = (on_rows, adapter_names)`` applies the
-    adapter to the rows ``on_rows`` of ``x`` only (the delta rule's reference rows run without it).
-
-    A plain LoRA layer takes one base matmul for all rows plus the low-rank term for the
-    adapter rows; anything else (DoRA and other variants, merged weights) goes through peft's
-    mixed-adapter batch, which splits every layer by adapter (measured 1.7-3x slower on an H100).
+def _linear(module, x, on_rows):
+    """Calls a (possibly LoRA-wrapped) linear layer; with ``on_rows`` (row indices of ``x``), the
+    adapter applies to those rows only and the others run the base weights (the delta rule's
+    reference). One base matmul for all rows plus the low-rank term for the adapter rows: peft's
+    own mixed-adapter batch splits every layer by adapter (1.7-3x slower on an H100).
     """
-    if mix is None or not hasattr(module, "lora_A"):
+    if on_rows is None or not hasattr(module, "lora_A"):
         return module(x)
-    on_rows, names = mix
     active = module.active_adapters
     name = active[0] if len(active) == 1 else None
     if (name is None or name not in module.lora_A or name in getattr(module, "lora_variant", {})
             or module.merged or module.disable_adapters):
-        return module(x, adapter_names=names)
+        raise ValueError("llmdoctor: the delta rule runs a LoRA doctor with its adapter on and off in one batch, "
+                         f"which needs plain LoRA layers (one active adapter, no DoRA, not merged): {module!r}")
     out = module.base_layer(x)
     lora_a = module.lora_A[name]
     xa = module.lora_dropout[name](x.index_select(0, on_rows).to(lora_a.weight.dtype))
@@ -239,10 +236,9 @@ class DoctorRunner:
         write_t = torch.from_numpy(write.reshape(-1)).to(dev)
         read_t = torch.from_numpy(read.reshape(-1)).to(dev)
         mask = (torch.arange(L, device=dev)[None, None, :] <= pos_t[:, :, None]).unsqueeze(1)  # [S,1,T,L]
-        mix = None  # (rows with the adapter on, peft adapter names) when some rows run without it
+        on_rows = None  # the rows with the adapter on, when some rows run without it
         if self.dec.lora and adapter_off is not None and adapter_off.any():
-            mix = (torch.from_numpy(np.flatnonzero(~adapter_off)).to(self.device),
-                   [ADAPTER_OFF if off else self._adapter_name() for off in adapter_off])
+            on_rows = torch.from_numpy(np.flatnonzero(~adapter_off)).to(self.device)
 
         d = self.dec
         h = d.embed(ids_t)
@@ -255,7 +251,7 @@ class DoctorRunner:
                 qkv = F.linear(x, d.fused[li][0], d.fused[li][1])
                 q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
             else:
-                q, k, v = (_linear(attn.q_proj, x, mix), _linear(attn.k_proj, x, mix), _linear(attn.v_proj, x, mix))
+                q, k, v = (_linear(attn.q_proj, x, on_rows), _linear(attn.k_proj, x, on_rows), _linear(attn.v_proj, x, on_rows))
             q = q.reshape(S, T, d.num_heads, d.head_dim)
             k = k.reshape(S, T, d.num_kv_heads, d.head_dim)
             v = v.reshape(S * T, d.num_kv_heads, d.head_dim)
@@ -270,21 +266,18 @@ class DoctorRunner:
             o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=attn.scaling,
                                                enable_gqa=d.num_heads != d.num_kv_heads)
             o = o.transpose(1, 2).reshape(S, T, nq)
-            h = h + _linear(attn.o_proj, o, mix)
+            h = h + _linear(attn.o_proj, o, on_rows)
             x = _norm(layer.post_attention_layernorm, h)
             mlp = layer.mlp
             if d.fused is not None:
                 gate, up = F.linear(x, d.fused[li][2]).chunk(2, dim=-1)
                 h = h + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight)
-            elif mix is None and not d.lora:
+            elif on_rows is None and not d.lora:
                 h = h + mlp(x)
             else:
-                gate = mlp.act_fn(_linear(mlp.gate_proj, x, mix)) * _linear(mlp.up_proj, x, mix)
-                h = h + _linear(mlp.down_proj, gate, mix)
+                gate = mlp.act_fn(_linear(mlp.gate_proj, x, on_rows)) * _linear(mlp.up_proj, x, on_rows)
+                h = h + _linear(mlp.down_proj, gate, on_rows)
         last = h[torch.arange(S, device=dev), torch.from_numpy(n - 1).to(dev)]
-        logits = _linear(d.lm_head, _norm(d.norm, last), mix)
+        logits = _linear(d.lm_head, _norm(d.norm, last), on_rows)
         self.lengths[sids] = totals
         return torch.log_softmax(logits.float(), dim=-1)
-
-    def _adapter_name(self) -> str:
-        return self.model.active_adapter if isinstance(self.model.active_adapter, str) else self.model.active_adapter[0]

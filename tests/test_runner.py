@@ -65,3 +65,18 @@ def test_lora_rows_with_and_without_adapter(doctor):
         want = torch.stack([b if o else a for a, b, o in zip(adapted, base, off)])
         torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
         assert (got[0] - base[0]).abs().max() > 1e-3  # the adapter does change the adapted rows
+
+
+def test_delta_rows_need_plain_lora(doctor):
+    """A DoRA doctor cannot run its adapter on and off in one batch here: a clear error (the core
+    turns it into 'these requests continue unguided'), not a wrong answer."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    dora = get_peft_model(copy.deepcopy(doctor), LoraConfig(r=4, use_dora=True, target_modules="all-linear")).eval()
+    runner = DoctorRunner(dora, device="cpu", dtype=torch.float32, cache_tokens=256, max_streams=2, max_len=64)
+    sids = np.array([runner.new_stream(), runner.new_stream()])
+    runner.step(sids, [[1, 2], [3]])  # adapter on everywhere: peft's own forward, fine
+    with pytest.raises(ValueError, match="plain LoRA"):
+        runner.step(sids, [[4], [5]], adapter_off=np.array([False, True]))
