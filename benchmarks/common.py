@@ -20,10 +20,20 @@ SHAPES = {
 }
 
 
+def qwen2_config(shape, **overrides):
+    """A ``Qwen2Config`` for a shape tuple ``(hidden, layers, heads, kv heads, intermediate, vocab)``."""
+    from transformers import Qwen2Config
+
+    h, n, heads, kvh, inter, vocab = shape
+    kw = dict(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=n, num_attention_heads=heads,
+              num_key_value_heads=kvh, max_position_embeddings=4096, tie_word_embeddings=False)
+    return Qwen2Config(**(kw | overrides))
+
+
 def build_pair(root: Path, shapes: str = "tiny", n_doctors: int = 2, seed: int = 0) -> dict:
     """A patient and ``n_doctors`` random-init doctors of the named shapes, saved as HF folders."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import Qwen2ForCausalLM
 
     from llmdoctor_vllm.checkpoint import save_doctor
     from llmdoctor_vllm.toy import build_tokenizer
@@ -34,10 +44,8 @@ def build_pair(root: Path, shapes: str = "tiny", n_doctors: int = 2, seed: int =
     dtype = torch.float32 if shapes == "tiny" else torch.bfloat16
 
     def lm(shape, s):
-        h, n, heads, kvh, inter, vocab = shape
-        cfg = Qwen2Config(vocab_size=max(vocab, len(tok)), hidden_size=h, intermediate_size=inter, num_hidden_layers=n,
-                          num_attention_heads=heads, num_key_value_heads=kvh, max_position_embeddings=4096,
-                          tie_word_embeddings=False, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+        cfg = qwen2_config(shape, vocab_size=max(shape[5], len(tok)), eos_token_id=tok.eos_token_id,
+                           bos_token_id=tok.bos_token_id)
         torch.manual_seed(s)
         return Qwen2ForCausalLM(cfg).to(dtype).eval()
 

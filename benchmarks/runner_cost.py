@@ -53,12 +53,11 @@ def parse_args(argv=None):
 def build(shape, device, dtype, seed):
     """A random-init Qwen2 of ``shape`` (hidden, layers, heads, kv heads, ffn, vocab), in memory."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM
 
-    h, n, heads, kv, ffn, vocab = shape
-    cfg = Qwen2Config(hidden_size=h, num_hidden_layers=n, num_attention_heads=heads, num_key_value_heads=kv,
-                      intermediate_size=ffn, vocab_size=vocab, max_position_embeddings=32768,
-                      tie_word_embeddings=False)
+    from common import qwen2_config
+
+    cfg = qwen2_config(shape, max_position_embeddings=32768)
     torch.manual_seed(seed)
     with torch.device(device):
         return AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()

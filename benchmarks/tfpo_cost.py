@@ -73,7 +73,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_doctor(args, torch):
     """The doctor LM: ``--model`` loaded, else a random-init Qwen2 of the preset / overridden shape."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+
+    from common import qwen2_config
 
     dtype = getattr(torch, args.dtype)
     if args.model:
@@ -82,10 +84,7 @@ def build_doctor(args, torch):
     for i, key in enumerate(("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "vocab_size")):
         if getattr(args, key) is not None:
             shape[i] = getattr(args, key)
-    h, n, heads, kvh, inter, vocab = shape
-    cfg = Qwen2Config(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=n,
-                      num_attention_heads=heads, num_key_value_heads=kvh, max_position_embeddings=8192,
-                      tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=1)
+    cfg = qwen2_config(shape, max_position_embeddings=8192, bos_token_id=0, eos_token_id=0, pad_token_id=1)
     torch.manual_seed(0)
     return Qwen2ForCausalLM(cfg).to(dtype)
 
