@@ -2,8 +2,9 @@
 
 Each guided request owns one *stream* per doctor (two for a LoRA doctor under the delta
 rule: adapter on and adapter off). A step feeds every stream only the tokens it gained since
-its last step, all streams in one batched forward, and returns each stream's next-token
-log-probabilities. Keys and values live in a block pool sized by a token budget, so memory
+its last step, and returns each stream's next-token log-probabilities. The new tokens of all
+streams are packed end to end (no padding: a long prompt chunk next to many decodes costs the
+sum of their tokens) and run in passes of bounded size (see :mod:`llmdoctor_vllm.packing`). Keys and values live in a block pool sized by a token budget, so memory
 follows the tokens actually cached, and a finished request's blocks go back to the pool.
 
 The forward is written out for the Llama family of decoders (Llama, Qwen2, Qwen3, Mistral):
@@ -18,6 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from llmdoctor_vllm.packing import StepPass, TileGroup, plan_step
 
 
 
@@ -131,15 +134,27 @@ def _linear(module, x, on_rows):
 _CUDA_KEY_BUCKET = 256
 
 
+def _as_ids(tokens) -> tuple[np.ndarray, np.ndarray | torch.Tensor]:
+    """``(counts, flat ids)`` from a list of token sequences, or a ``(counts, ids)`` pair as given."""
+    if isinstance(tokens, tuple):
+        counts, ids = tokens
+        return np.asarray(counts, dtype=np.int64), ids
+    counts = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
+    return counts, np.fromiter((t for row in tokens for t in row), dtype=np.int64, count=int(counts.sum()))
+
+
 class DoctorRunner:
     """Steps one doctor LM over many streams with an incremental, paged KV cache.
 
     ``cache_tokens`` is the KV budget (in tokens, over all streams); ``max_streams`` the most
-    streams alive at once; ``max_len`` the longest stream.
+    streams alive at once; ``max_len`` the longest stream. ``max_pass_tokens`` bounds the tokens
+    of one forward (a longer feed, such as a long prompt, runs as several passes), and
+    ``score_budget`` the attention scores held at once, so the step's activation memory does not
+    grow with the prompt length.
     """
 
     def __init__(self, model, *, device, dtype, cache_tokens: int, max_streams: int, max_len: int,
-                 block_size: int = 16):
+                 block_size: int = 16, max_pass_tokens: int = 2048, q_tile: int = 256, score_budget: int = 1 << 25):
         self.model = model
         self.dec = _unwrap(model)
         self.device = torch.device(device)
@@ -147,13 +162,16 @@ class DoctorRunner:
         self.block_size = block_size
         self.num_blocks = max(1, cache_tokens // block_size)
         self.budget_tokens = self.num_blocks * block_size
-        self.trash = self.num_blocks * block_size  # one extra row that padding writes into
+        self.max_pass_tokens, self.q_tile, self.score_budget = max_pass_tokens, q_tile, score_budget
         nl, kvh, hd = len(self.dec.layers), self.dec.num_kv_heads, self.dec.head_dim
-        self.kv = torch.zeros((nl, 2, self.trash + 1, kvh, hd), device=self.device, dtype=dtype)
+        self.kv = torch.zeros((nl, 2, self.budget_tokens, kvh, hd), device=self.device, dtype=dtype)
         self.max_blocks_per_stream = -(-max_len // block_size)
         self.block_table = np.zeros((max_streams, self.max_blocks_per_stream), dtype=np.int64)
         self.num_stream_blocks = np.zeros(max_streams, dtype=np.int64)
         self.lengths = np.zeros(max_streams, dtype=np.int64)  # tokens cached per stream
+        hidden = self.dec.embed.weight.shape[1]
+        # each stream's last hidden state: a stream with no new tokens in a step reuses it
+        self.last_hidden = torch.zeros((max_streams, hidden), device=self.device, dtype=dtype)
         self.free_streams = list(range(max_streams - 1, -1, -1))
         self.free_blocks = list(range(self.num_blocks - 1, -1, -1))
         self.vocab_width = self.dec.lm_head.weight.shape[0]
@@ -190,82 +208,86 @@ class DoctorRunner:
 
     def _reserve(self, sids: np.ndarray, totals: np.ndarray) -> None:
         need = -(-totals // self.block_size) - self.num_stream_blocks[sids]
-        short = [int(s) for s, k, t in zip(sids, need, totals) if k > 0 and (
-            t > self.max_blocks_per_stream * self.block_size)]
-        if short or need.clip(min=0).sum() > len(self.free_blocks):
+        short = sids[(need > 0) & (totals > self.max_blocks_per_stream * self.block_size)]
+        if len(short) or need.clip(min=0).sum() > len(self.free_blocks):
             # Say which streams would not fit; the caller drops their guidance.
-            over = short or [int(s) for s, k in zip(sids, need) if k > 0]
-            raise DoctorCacheFull(over, self.budget_tokens)
-        for s, k in zip(sids[need > 0], need[need > 0]):
+            over = short if len(short) else sids[need > 0]
+            raise DoctorCacheFull(over.tolist(), self.budget_tokens)
+        for s, k in zip(sids[need > 0].tolist(), need[need > 0].tolist()):
             start = self.num_stream_blocks[s]
-            got = [self.free_blocks.pop() for _ in range(int(k))]
-            self.block_table[s, start:start + k] = got
+            self.block_table[s, start:start + k] = self.free_blocks[len(self.free_blocks) - k:][::-1]
+            del self.free_blocks[len(self.free_blocks) - k:]
             self.num_stream_blocks[s] = start + k
 
     @torch.inference_mode()
-    def step(self, sids: np.ndarray, new_tokens: list, adapter_off: np.ndarray | None = None) -> torch.Tensor:
+    def step(self, sids: np.ndarray, tokens, adapter_off: np.ndarray | None = None) -> torch.Tensor:
         """Feeds each stream its new tokens; returns ``[len(sids), vocab]`` float32 log-probs.
 
-        ``new_tokens[i]`` is a sequence of token ids that stream ``sids[i]`` gained since its
-        last step. ``adapter_off[i]`` runs that row with the LoRA adapter switched off.
+        ``tokens`` is either a list (one sequence of new token ids per stream) or a pair
+        ``(counts, ids)``: ``counts[i]`` new tokens for stream ``sids[i]``, ``ids`` all of them
+        end to end (a host array or a tensor on the doctor's device). A stream may gain no token
+        (its last distribution is returned again). ``adapter_off[i]`` runs that stream with the
+        LoRA adapter switched off.
         """
         sids = np.asarray(sids, dtype=np.int64)
-        n = np.fromiter((len(t) for t in new_tokens), dtype=np.int64, count=len(new_tokens))
+        counts, ids = _as_ids(tokens)
         cached = self.lengths[sids]
-        totals = cached + n
+        totals = cached + counts
         self._reserve(sids, totals)
-        S, T = len(sids), int(n.max())
-        L = -(-int(totals.max()) // self.key_bucket) * self.key_bucket  # keys past a stream's end are masked
-        bs = self.block_size
-
-        valid = np.arange(T)[None, :] < n[:, None]
-        ids = np.zeros((S, T), dtype=np.int64)
-        ids[valid] = np.fromiter((t for row in new_tokens for t in row), dtype=np.int64, count=int(n.sum()))
-        pos = cached[:, None] + np.arange(T)[None, :]
-        tables = self.block_table[sids]
-        pos_c = np.minimum(pos, self.max_blocks_per_stream * bs - 1)
-        write = np.take_along_axis(tables, pos_c // bs, axis=1) * bs + pos_c % bs
-        write = np.where(valid, write, self.trash)
-        kpos = np.arange(L)
-        # [S, L]; keys past a stream's end (or its table) read finite stale rows, and are masked
-        read = np.take(tables, np.minimum(kpos // bs, tables.shape[1] - 1), axis=1) * bs + kpos % bs
-
         dev = self.device
-        ids_t = torch.from_numpy(ids).to(dev)
-        pos_t = torch.from_numpy(pos).to(dev)
-        write_t = torch.from_numpy(write.reshape(-1)).to(dev)
-        read_t = torch.from_numpy(read.reshape(-1)).to(dev)
-        mask = (torch.arange(L, device=dev)[None, None, :] <= pos_t[:, :, None]).unsqueeze(1)  # [S,1,T,L]
-        on_rows = None  # the rows with the adapter on, when some rows run without it
-        if self.dec.lora and adapter_off is not None and adapter_off.any():
-            on_rows = torch.from_numpy(np.flatnonzero(~adapter_off)).to(self.device)
+        plan = plan_step(counts, cached, self.block_table[sids], self.block_size, max_pass_tokens=self.max_pass_tokens,
+                         q_tile=self.q_tile, score_budget=self.score_budget, num_heads=self.dec.num_heads,
+                         key_bucket=self.key_bucket)
+        if len(plan.src):
+            ids = torch.as_tensor(ids).to(dev, non_blocking=True)
+            ids = ids[torch.from_numpy(plan.src).to(dev, non_blocking=True)].long()
+        lora_off = adapter_off if self.dec.lora and adapter_off is not None and adapter_off.any() else None
+        for p in plan.passes:
+            tok_on = None if lora_off is None else np.flatnonzero(~lora_off[plan.stream[p.start:p.end]])
+            h = self._forward_pass(p, ids[p.start:p.end], plan.pos[p.start:p.end], plan.write[p.start:p.end],
+                                   None if tok_on is None else torch.from_numpy(tok_on).to(dev))
+            rows = torch.from_numpy(sids[p.last_stream]).to(dev)
+            self.last_hidden.index_copy_(0, rows, h.index_select(0, torch.from_numpy(p.last_token).to(dev)))
+        self.lengths[sids] = totals
+        on_rows = None if lora_off is None else torch.from_numpy(np.flatnonzero(~lora_off)).to(dev)
+        last = self.last_hidden.index_select(0, torch.from_numpy(sids).to(dev))
+        logits = _linear(self.dec.lm_head, _norm(self.dec.norm, last), on_rows)
+        return torch.log_softmax(logits.float(), dim=-1)
 
-        d = self.dec
-        h = d.embed(ids_t)
-        cos, sin = self.cos[pos_t], self.sin[pos_t]
+    def _forward_pass(self, p: StepPass, ids: torch.Tensor, pos: np.ndarray, write: np.ndarray, on_rows):
+        """The decoder over one pass's packed tokens; returns their last hidden states ``[P, hidden]``."""
+        d, dev = self.dec, self.device
+        P = p.end - p.start
+        pos_t = torch.from_numpy(pos).to(dev)
+        write_t = torch.from_numpy(write).to(dev)
+        groups = [_GroupTensors.of(g, dev) for g in p.groups]
+        h = d.embed(ids)
+        cos, sin = self.cos[pos_t][None], self.sin[pos_t][None]
         nq, nkv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
         for li, layer in enumerate(d.layers):
             attn = layer.self_attn
             x = _norm(layer.input_layernorm, h)
             if d.fused is not None:
-                qkv = F.linear(x, d.fused[li][0], d.fused[li][1])
-                q, k, v = qkv.split([nq, nkv, nkv], dim=-1)
+                q, k, v = F.linear(x, d.fused[li][0], d.fused[li][1]).split([nq, nkv, nkv], dim=-1)
             else:
-                q, k, v = (_linear(attn.q_proj, x, on_rows), _linear(attn.k_proj, x, on_rows), _linear(attn.v_proj, x, on_rows))
-            q = q.reshape(S, T, d.num_heads, d.head_dim)
-            k = k.reshape(S, T, d.num_kv_heads, d.head_dim)
-            v = v.reshape(S * T, d.num_kv_heads, d.head_dim)
+                q, k, v = (_linear(attn.q_proj, x, on_rows), _linear(attn.k_proj, x, on_rows),
+                           _linear(attn.v_proj, x, on_rows))
+            q = q.reshape(P, d.num_heads, d.head_dim)
+            k = k.reshape(P, d.num_kv_heads, d.head_dim)
             if hasattr(attn, "q_norm"):
                 q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
-            q, k = d.apply_rope(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+            q, k = d.apply_rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+            q = q[0].transpose(0, 1)  # [P, heads, hd]
             pool_k, pool_v = self.kv[li, 0], self.kv[li, 1]
-            pool_k.index_copy_(0, write_t, k.transpose(1, 2).reshape(S * T, d.num_kv_heads, d.head_dim))
-            pool_v.index_copy_(0, write_t, v)
-            keys = pool_k.index_select(0, read_t).view(S, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
-            vals = pool_v.index_select(0, read_t).view(S, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=attn.scaling,
-                                               enable_gqa=d.num_heads != d.num_kv_heads)
-            o = o.transpose(1, 2).reshape(S, T, nq)
+            pool_k.index_copy_(0, write_t, k[0].transpose(0, 1))
+            pool_v.index_copy_(0, write_t, v.reshape(P, d.num_kv_heads, d.head_dim))
+            o = q.new_empty((P, nq)) if not (len(groups) == 1 and groups[0].identity) else None
+            for g in groups:
+                out = self._attend(g, q, pool_k, pool_v, attn.scaling)
+                if g.identity:
+                    o = out[:, 0]
+                else:
+                    o[g.scatter_to] = out[g.valid]
             h = h + _linear(attn.o_proj, o, on_rows)
             x = _norm(layer.post_attention_layernorm, h)
             mlp = layer.mlp
@@ -277,7 +299,37 @@ class DoctorRunner:
             else:
                 gate = mlp.act_fn(_linear(mlp.gate_proj, x, on_rows)) * _linear(mlp.up_proj, x, on_rows)
                 h = h + _linear(mlp.down_proj, gate, on_rows)
-        last = h[torch.arange(S, device=dev), torch.from_numpy(n - 1).to(dev)]
-        logits = _linear(d.lm_head, _norm(d.norm, last), on_rows)
-        self.lengths[sids] = totals
-        return torch.log_softmax(logits.float(), dim=-1)
+        return h
+
+    def _attend(self, g: "_GroupTensors", q: torch.Tensor, pool_k, pool_v, scale) -> torch.Tensor:
+        """Attention of one tile group over the pool: ``[G, Q, heads * head_dim]``."""
+        d = self.dec
+        G, L = g.read.shape
+        # [G, heads, Q, hd]; a decode-only pass is already one query per tile, in order
+        qg = q[:, :, None, :] if g.identity else q[g.q_index].transpose(1, 2)
+        rows = g.read.reshape(-1)
+        keys = pool_k.index_select(0, rows).view(G, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
+        vals = pool_v.index_select(0, rows).view(G, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qg, keys, vals, attn_mask=g.mask, scale=scale,
+                                           enable_gqa=d.num_heads != d.num_kv_heads)
+        return o.transpose(1, 2).reshape(G, qg.shape[2], -1)
+
+
+@dataclass
+class _GroupTensors:
+    """A :class:`TileGroup` on the device: query gather/scatter indices, key rows, causal mask."""
+
+    q_index: torch.Tensor
+    valid: torch.Tensor
+    scatter_to: torch.Tensor
+    read: torch.Tensor
+    mask: torch.Tensor  # [G, 1, Q, L]: a query sees keys at positions up to its own
+    identity: bool
+
+    @classmethod
+    def of(cls, g: TileGroup, dev) -> "_GroupTensors":
+        L = g.read.shape[1]
+        mask = torch.from_numpy(np.arange(L)[None, None, :] <= g.q_pos[:, :, None]).to(dev)[:, None]
+        return cls(q_index=torch.from_numpy(g.q_index).to(dev), valid=torch.from_numpy(g.q_valid).to(dev),
+                   scatter_to=torch.from_numpy(g.q_index[g.q_valid]).to(dev),
+                   read=torch.from_numpy(g.read).to(dev), mask=mask, identity=g.identity)
