@@ -1,4 +1,7 @@
-"""Helpers shared by the benchmark scripts: model pairs, results files, memory readings."""
+"""Helpers shared by the benchmark scripts: model pairs, results files, memory readings, a server.
+
+The benchmarks are a package: run each from the repository root as ``python -m benchmarks.<name>``.
+"""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ def build_pair(root: Path, shapes: str = "tiny", n_doctors: int = 2, seed: int =
     from transformers import Qwen2ForCausalLM
 
     from llmdoctor_vllm.checkpoint import save_doctor
-    from llmdoctor_vllm.toy import build_tokenizer
+    from llmdoctor_train.toy.models import build_tokenizer
     from llmdoctor_vllm.value_head import ValueHead
 
     root.mkdir(parents=True, exist_ok=True)
@@ -94,9 +97,10 @@ def device_name() -> str:
 
 
 def command_line(script: str, argv=None) -> str:
-    """``python benchmarks/<script> ARGS``: how to rerun a benchmark (``argv`` default: this process's)."""
+    """``python -m benchmarks.<script> ARGS`` (from the repository root): how to rerun a benchmark
+    (``argv`` default: this process's)."""
     argv = sys.argv[1:] if argv is None else argv
-    return "python " + shlex.join([f"benchmarks/{Path(script).name}", *map(str, argv)])
+    return "python " + shlex.join(["-m", f"benchmarks.{Path(script).stem}", *map(str, argv)])
 
 
 def write_results(name: str, payload: dict, directory: str | Path | None = None, command: str | None = None,

@@ -20,19 +20,14 @@ bf16; nothing is downloaded) and times, per batch size B and cached length L:
 (``est_ratio_kernels`` the same from kernel times), next to the FLOP limit
 ``1/(1 + c_doctor/c_patient)``.
 
-    python benchmarks/runner_cost.py --bandwidth-gbs 3350         # H100 SXM; a few minutes
-    python benchmarks/runner_cost.py --shapes tiny --device cpu --batch-sizes 1 8
+    python -m benchmarks.runner_cost --bandwidth-gbs 3350         # H100 SXM; a few minutes
+    python -m benchmarks.runner_cost --shapes tiny --device cpu --batch-sizes 1 8
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def parse_args(argv=None):
@@ -55,7 +50,7 @@ def build(shape, device, dtype, seed):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from common import qwen2_config
+    from benchmarks.common import qwen2_config
 
     cfg = qwen2_config(shape, max_position_embeddings=32768)
     torch.manual_seed(seed)
@@ -139,7 +134,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
 
-    from common import SHAPES, device_name, forward_flops_per_token, write_results
+    from benchmarks.common import SHAPES, device_name, forward_flops_per_token, write_results
 
     dtype = getattr(torch, args.dtype)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)

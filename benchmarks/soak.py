@@ -8,7 +8,7 @@ decoding. Then it checks that every good request completed, every bad one got HT
 the field, greedy/seeded outputs equal the same request run alone offline, the doctors' caches
 are empty afterwards, and the server's memory does not grow across rounds.
 
-    python benchmarks/soak.py --rounds 3 --requests 64
+    python -m benchmarks.soak --rounds 3 --requests 64
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import asyncio
 import json
 import os
 import random
-import sys
 import tempfile
 import time
 import urllib.request
@@ -43,7 +42,7 @@ def build_models(root: Path) -> dict:
     import torch
 
     from llmdoctor_vllm.checkpoint import save_doctor
-    from llmdoctor_vllm.toy import build_tiny_doctor, build_tiny_lm, build_tiny_pair, save_lm
+    from llmdoctor_train.toy.models import build_tiny_doctor, build_tiny_lm, build_tiny_pair, save_lm
     from llmdoctor_vllm.value_head import ValueHead
 
     pair = build_tiny_pair(root, n_doctors=1)
@@ -148,7 +147,7 @@ def server_rss_mb(pid: int) -> float:
 
 def start_server(models: dict, workdir: Path, kv_bytes: int, max_num_seqs: int) -> tuple:
     """The server under test, writing the doctors' occupancy to a stats file."""
-    from common import launch_server
+    from benchmarks.common import launch_server
 
     stats = workdir / "llmdoctor_stats.json"
     cfg = {"llmdoctor": {"doctors": models["doctors"], "beta": 0.0}}
@@ -168,7 +167,6 @@ def run_soak(rounds: int, n_requests: int, workdir: Path, kv_bytes: int = 160 * 
              seed: int = 0) -> dict:
     """Runs the rounds; returns the figures written to ``soak.json``."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from vllm import LLM
 
     models = build_models(workdir)
@@ -217,7 +215,7 @@ def run_soak(rounds: int, n_requests: int, workdir: Path, kv_bytes: int = 160 * 
                 "errors": [g["message"] for g in lost][:5]})
             print(json.dumps(result["rounds"][-1]))
     finally:
-        from common import stop_server
+        from benchmarks.common import stop_server
 
         stop_server(proc)
     return result
@@ -257,8 +255,7 @@ def main(argv=None):
     p.add_argument("--workdir", help="where to build the models (default: temp dir)")
     p.add_argument("--output", default="soak")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from common import write_results
+    from benchmarks.common import write_results
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmdoctor-soak-"))
     result = run_soak(args.rounds, args.requests, work, args.kv_cache_bytes, args.max_num_seqs)

@@ -1,11 +1,11 @@
 """Stage 1 scoring speed: the vLLM pipeline against the transformers reference scorer, same data, same run.
 
-A toy preference dataset (prompts and replies of ``llmdoctor_vllm.toy_world``: chosen replies
+A toy preference dataset (prompts and replies of ``llmdoctor_train.toy.world``: chosen replies
 written under the positive mix, rejected under the negative) is turned into the pairs Stage 1
 scores: every response under the positive and the negative instruction (4 sequences a row),
-as ``train.rewards_shards.score_shard`` builds them. The same pairs are then scored by
+as ``llmdoctor_train.stage1.scoring.score_shard`` builds them. The same pairs are then scored by
 
-- ``hf_reference``: ``train.rewards_score.score_with_hf``, the tests' reference (transformers,
+- ``hf_reference``: ``llmdoctor_train.stage1.scoring.score_with_hf``, the tests' reference (transformers,
   one sequence per forward pass);
 - ``hf_batched``: transformers with padded batches (length-sorted): a stronger baseline, to
   see how much of vLLM's lead is batching alone;
@@ -21,9 +21,9 @@ reference (they must agree). By default each scorer gets one CPU core (``--threa
 busy shared machine hurts neither more. The patient is a random-init Qwen2 built here (hidden
 256, 4 layers; speed needs no trained weights), or any local HF model with ``--model``.
 
-    python benchmarks/stage1_speed.py                           # CPU, a few minutes
-    python benchmarks/stage1_speed.py --rows 8 --repeats 1 --warmup 1   # a quick look
-    python benchmarks/stage1_speed.py --model /path/to/Qwen2.5-0.5B-Instruct --rows 256   # a real patient
+    python -m benchmarks.stage1_speed                           # CPU, a few minutes
+    python -m benchmarks.stage1_speed --rows 8 --repeats 1 --warmup 1   # a quick look
+    python -m benchmarks.stage1_speed --model /path/to/Qwen2.5-0.5B-Instruct --rows 256   # a real patient
 """
 
 from __future__ import annotations
@@ -38,10 +38,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: starts in seconds
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -78,8 +76,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_patient(path: Path, hidden_size: int, layers: int) -> str:
     """A random-init Qwen2 patient on a BPE trained on the toy world's text (instructions included)."""
-    from llmdoctor_vllm.toy import build_tiny_lm, build_tokenizer, save_lm
-    from llmdoctor_vllm.toy_world import toy_world_corpus
+    from llmdoctor_train.toy.models import build_tiny_lm, build_tokenizer, save_lm
+    from llmdoctor_train.toy.world import toy_world_corpus
 
     if hidden_size % 64:
         raise SystemExit(f"--hidden-size {hidden_size}: use a multiple of 64 (heads of 64)")
@@ -96,7 +94,7 @@ def toy_preferences(n: int, parts: int, seed: int):
 
     from datasets import Dataset
 
-    from llmdoctor_vllm import toy_world as tw
+    from llmdoctor_train.toy import world as tw
 
     rng = random.Random(seed)
     rows = {"prompt": [], "chosen": [], "rejected": []}
@@ -110,8 +108,8 @@ def toy_preferences(n: int, parts: int, seed: int):
 
 def stage1_pairs(ds, tokenizer) -> list[tuple[list[int], list[int]]]:
     """The (prompt ids, response ids) pairs Stage 1 scores, in ``score_shard``'s order."""
-    from train.rewards import Dimension, unique_instructions
-    from train.rewards_prompts import PromptFormatter
+    from llmdoctor_train.stage1.rewards import Dimension, unique_instructions
+    from llmdoctor_train.stage1.data import PromptFormatter
 
     f = PromptFormatter(tokenizer)
     resp = {side: f.response_ids(ds[side], side) for side in ("chosen", "rejected")}
@@ -165,7 +163,7 @@ def time_hf(patient: str, pairs, args) -> tuple[dict, list]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from train.rewards_score import score_with_hf
+    from llmdoctor_train.stage1.scoring import score_with_hf
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,8 +182,8 @@ def time_vllm(patient: str, ds, pairs, work: Path, args) -> tuple[dict, list]:
     """Times ``score_with_vllm`` and the whole ``compute_rewards`` with one in-process engine."""
     from vllm import LLM
 
-    from train.rewards_pipeline import RewardsConfig, compute_rewards
-    from train.rewards_score import score_with_vllm
+    from llmdoctor_train.stage1.pipeline import RewardsConfig, compute_rewards
+    from llmdoctor_train.stage1.scoring import score_with_vllm
 
     llm = LLM(model=patient, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=args.kv_cache_mb << 20,
               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, seed=0)
@@ -260,7 +258,7 @@ def main(argv=None) -> dict:
     tps = {r["scorer"]: r["tokens_per_s"] for r in rows}
     ratios = {f"{a}_over_{b}": tps[a] / tps[b] for a in ("vllm", "vllm_pipeline")
               for b in ("hf_reference", "hf_batched") if b in tps}
-    from common import device_name
+    from benchmarks.common import device_name
 
     cfg = AutoConfig.from_pretrained(patient)
     result = {
@@ -282,7 +280,7 @@ def main(argv=None) -> dict:
                     "vllm_pipeline includes the pipeline's own work (row checks, tokenising, rewards, "
                     "save_to_disk), not only scoring"],
     }
-    from common import command_line, write_results
+    from benchmarks.common import command_line, write_results
 
     path = write_results(args.name, result, args.output_dir, command_line(__file__, argv))
     plot(result, path.with_suffix(".png"))

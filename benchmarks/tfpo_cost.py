@@ -6,7 +6,7 @@ real trainer code, three ways, interleaved over ``--repeats`` rounds (medians re
 
 - ``fwd_bwd_ms``: ``TFPOTrainer._response_terms`` (the doctor's forward, per-token log-probs,
   the value head) and the backward of a stand-in scalar over its outputs: the model's cost;
-- ``loss_ms``: ``train.tfpo_trainer.tfpo_objective`` (what ``compute_loss`` calls: SubTB with the
+- ``loss_ms``: ``llmdoctor_train.stage2.trainer.tfpo_objective`` (what ``compute_loss`` calls: SubTB with the
   chosen weighting, value discrimination, the trajectory metric) on detached copies of those
   outputs, and its backward: the loss's cost;
 - ``step_ms``: the trainer's real ``compute_loss`` + ``backward``, for the first weighting only
@@ -16,10 +16,10 @@ real trainer code, three ways, interleaved over ``--repeats`` rounds (medians re
 does not depend on the doctor's size, so a bigger doctor only lowers the ratio: the default
 small random-init Qwen2-shaped doctor (built here, nothing downloaded) is the hard case.
 
-    python benchmarks/tfpo_cost.py --threads 1                       # CPU, ~3 min
-    python benchmarks/tfpo_cost.py --lengths 128 512 --batch-size 2 --weightings all lambda
-    python benchmarks/tfpo_cost.py --shape qwen2.5-0.5b --device cuda  # a realistic doctor on a GPU
-    python benchmarks/tfpo_cost.py --model /path/to/hf-model          # a real HF model's weights
+    python -m benchmarks.tfpo_cost --threads 1                       # CPU, ~3 min
+    python -m benchmarks.tfpo_cost --lengths 128 512 --batch-size 2 --weightings all lambda
+    python -m benchmarks.tfpo_cost --shape qwen2.5-0.5b --device cuda  # a realistic doctor on a GPU
+    python -m benchmarks.tfpo_cost --model /path/to/hf-model          # a real HF model's weights
 """
 
 from __future__ import annotations
@@ -33,10 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS  # noqa: E402
 TARGET = 0.05
 # name -> hidden, layers, heads, kv heads, intermediate, vocab
 SHAPES = {"small": (256, 4, 4, 2, 768, 8192), "qwen2.5-0.5b": (896, 24, 14, 2, 4864, 151936)}
@@ -75,7 +73,7 @@ def build_doctor(args, torch):
     """The doctor LM: ``--model`` loaded, else a random-init Qwen2 of the preset / overridden shape."""
     from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
 
-    from common import qwen2_config
+    from benchmarks.common import qwen2_config
 
     dtype = getattr(torch, args.dtype)
     if args.model:
@@ -112,7 +110,7 @@ def make_examples(n_pairs: int, prompt_len: int, L: int, vocab: int, seed: int =
 
 def time_length(trainer, model, L, args, torch, sync) -> list[dict]:
     """Medians of fwd+bwd, loss (per weighting) and the full step for one response length."""
-    from train.tfpo_trainer import tfpo_objective
+    from llmdoctor_train.stage2.trainer import tfpo_objective
 
     vocab = model.get_input_embeddings().weight.shape[0]
     batch = trainer._prepare_inputs(trainer.data_collator(make_examples(args.batch_size, args.prompt_len, L, vocab)))
@@ -169,7 +167,7 @@ def time_length(trainer, model, L, args, torch, sync) -> list[dict]:
 
 
 def machine_info(torch, device: str) -> dict:
-    from common import device_name
+    from benchmarks.common import device_name
 
     info = {"device": device_name() if device == "cuda" else f"CPU {platform.processor() or platform.machine()} "
                                                               f"x{os.cpu_count()}",
@@ -230,9 +228,9 @@ def main(argv=None) -> dict:
 
 
 def _run(args, argv, torch) -> dict:
-    from common import command_line, write_results
-    from llmdoctor_vllm.toy import build_tokenizer
-    from train.tfpo_trainer import TFPOConfig, TFPOTrainer
+    from benchmarks.common import command_line, write_results
+    from llmdoctor_train.toy.models import build_tokenizer
+    from llmdoctor_train.stage2.trainer import TFPOConfig, TFPOTrainer
 
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)

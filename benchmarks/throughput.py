@@ -6,8 +6,8 @@ guided/plain ratio is reported next to the limit 1/(1 + c_doctor/c_patient), c b
 forward FLOPs per token. A second table times one doctor decode step against the length
 already cached (256 -> 2048 tokens), with the runner alone.
 
-    python benchmarks/throughput.py                      # tiny pair, CPU, a few minutes
-    python benchmarks/throughput.py --shapes qwen2.5-7b+1.5b --batch-sizes 1 8 32   # on a GPU
+    python -m benchmarks.throughput                      # tiny pair, CPU, a few minutes
+    python -m benchmarks.throughput --shapes qwen2.5-7b+1.5b --batch-sizes 1 8 32   # on a GPU
 """
 
 from __future__ import annotations
@@ -189,7 +189,7 @@ def hf_loop_worker(job: str) -> None:
 
     import torch
 
-    from common import peak_rss_mb
+    from benchmarks.common import peak_rss_mb
 
     spec = json.loads(job)
     gpu = torch.cuda.is_available()
@@ -210,7 +210,7 @@ def main(argv=None):
     import torch
     from vllm import LLM
 
-    from common import SHAPES, build_pair, current_rss_mb, device_name, forward_flops_per_token, peak_rss_mb, \
+    from benchmarks.common import SHAPES, build_pair, current_rss_mb, device_name, forward_flops_per_token, peak_rss_mb, \
         write_results
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmdoctor-bench-"))

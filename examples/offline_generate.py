@@ -18,7 +18,7 @@ def main():
     args = p.parse_args()
     engine_kw = {}
     if not args.patient:
-        from llmdoctor_vllm.toy import build_tiny_pair
+        from llmdoctor_train.toy.models import build_tiny_pair
 
         pair = build_tiny_pair(tempfile.mkdtemp(prefix="llmdoctor-example-"))
         args.patient, args.doctor = pair["patient"], pair["doctors"]["doctor0"]

@@ -35,7 +35,7 @@ def wait_for(url: str, proc, timeout: float = 300) -> None:
 
 
 def main():
-    from llmdoctor_vllm.toy import build_tiny_pair
+    from llmdoctor_train.toy.models import build_tiny_pair
 
     pair = build_tiny_pair(tempfile.mkdtemp(prefix="llmdoctor-serve-"))
     with socket.socket() as s:

@@ -1,13 +1,19 @@
 """llmdoctor-vllm: steer a frozen LLM served by vLLM with a small trained doctor model.
 
-The vLLM plugin is :class:`llmdoctor_vllm.processor.LLMDoctorLogitsProcessor`, registered
-under the ``vllm.logits_processors`` entry point as ``llmdoctor``. This module imports
-nothing heavy, because vLLM imports the plugin in its front-end process too.
+Two public classes, two jobs:
+
+- :class:`LLMDoctor` (capital D; also ``LLMDoctorLogitsProcessor``) is the vLLM plugin, the
+  logits processor itself. vLLM loads it from the ``vllm.logits_processors`` entry point named
+  ``llmdoctor``; on the command line it is ``--logits-processors llmdoctor_vllm:LLMDoctor``.
+- :class:`LLMdoctor` (lower-case d) is the one-call Python API: a ``vllm.LLM`` for the patient
+  with doctors plugged in (``LLMdoctor(patient_model=..., doctor_checkpoint=...).generate(...)``).
+
+This module imports nothing heavy, because vLLM imports the plugin in its front-end process too.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["LLMdoctor", "LLMDoctorLogitsProcessor", "save_doctor", "load_doctor"]
+__all__ = ["LLMDoctor", "LLMDoctorLogitsProcessor", "LLMdoctor", "save_doctor", "load_doctor"]
 
 
 def __getattr__(name):
@@ -15,7 +21,7 @@ def __getattr__(name):
         from llmdoctor_vllm.api import LLMdoctor
 
         return LLMdoctor
-    if name == "LLMDoctorLogitsProcessor":
+    if name in ("LLMDoctor", "LLMDoctorLogitsProcessor"):
         from llmdoctor_vllm.processor import LLMDoctorLogitsProcessor
 
         return LLMDoctorLogitsProcessor

@@ -9,14 +9,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-ENGINE_KW = dict(dtype="float32", enforce_eager=True, kv_cache_memory_bytes=16 << 20, max_model_len=256,
-                 max_num_seqs=4, seed=0, logprobs_mode="processed_logprobs")
+from tests.helpers import ENGINE_KW  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """A tiny patient, two full doctors (with references) and a LoRA doctor, as HF folders."""
-    from llmdoctor_vllm.toy import build_tiny_doctor, build_tiny_lm, build_tiny_pair, save_lm
+    from llmdoctor_train.toy.models import build_tiny_doctor, build_tiny_lm, build_tiny_pair, save_lm
 
     root = tmp_path_factory.mktemp("tiny")
     pair = build_tiny_pair(root, n_doctors=2)

@@ -1,8 +1,32 @@
-"""The Stage 3 formula computed independently with transformers, by teacher forcing."""
+"""What the tests share besides fixtures (``conftest.py``): the tiny-engine settings, prompts and
+request helpers, and the Stage 3 formula computed independently with transformers, by teacher forcing."""
 
 from __future__ import annotations
 
 import torch
+
+from llmdoctor_train.toy.pipeline import engine_kwargs
+
+# the project's tiny-engine settings, with a small KV budget and few slots (rows get reused and moved)
+ENGINE_KW = engine_kwargs(kv_cache_memory_bytes=16 << 20, max_model_len=256, max_num_seqs=4,
+                          logprobs_mode="processed_logprobs")
+
+PROMPTS = ["The cat kindly", "A dog quickly helps", "Our team", "The teacher writes a letter. My friend"]
+
+
+def sp(**kw):
+    """``SamplingParams``: greedy, 16 tokens unless told; ``guide={"beta": ...}`` becomes ``llmdoctor_*`` args."""
+    from vllm import SamplingParams
+
+    extra = {f"llmdoctor_{k}": v for k, v in kw.pop("guide", {}).items()}
+    return SamplingParams(max_tokens=kw.pop("max_tokens", 16), temperature=kw.pop("temperature", 0.0),
+                          extra_args=extra or None, **kw)
+
+
+def run(engine, prompts, params):
+    """Generates; returns (token ids of each first completion, vLLM's outputs)."""
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs], outs
 
 
 def _next_token_logprobs(model, ids: list[int], start: int) -> torch.Tensor:

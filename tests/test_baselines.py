@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from llmdoctor_vllm.baselines.aisp import (aisp_generate, aisp_noise, importance_weights, load_output_embedding,
+from benchmarks.baselines.aisp import (aisp_generate, aisp_noise, importance_weights, load_output_embedding,
                                            sample_seeds, sampling_params, update_mean)
 
 PROMPTS = ["The cat kindly", "A dog sees the", "My friend"]
@@ -27,8 +27,8 @@ def llm(tiny, table, tmp_path_factory, keep_alive):
     """One engine with both baselines; logprobs are the raw patient's (to see its own top-k)."""
     from vllm import LLM
 
-    from llmdoctor_vllm.baselines.aisp import AISPLogitsProcessor
-    from llmdoctor_vllm.baselines.args import ARGSLogitsProcessor
+    from benchmarks.baselines.aisp import AISPLogitsProcessor
+    from benchmarks.baselines.args import ARGSLogitsProcessor
 
     path = tmp_path_factory.mktemp("args") / "table.npy"
     np.save(path, table)
@@ -197,7 +197,7 @@ def test_rows_keep_their_state_through_finishes_and_refills(llm):
 
 
 def test_load_table_pads_and_refuses():
-    from llmdoctor_vllm.baselines.args import load_table
+    from benchmarks.baselines.args import load_table
 
     np.testing.assert_array_equal(load_table([1.0, -2.0], 4), [1.0, -2.0, 0.0, 0.0])
     for bad in ([1.0] * 5, [1.0, float("nan")], [[1.0]], "/nonexistent/table.npy"):
@@ -210,9 +210,9 @@ def test_token_table_is_exact_for_the_toy_reward():
     summed over a well-formed reply's tokens is its toy reward."""
     import random
 
-    from llmdoctor_vllm.baselines.args import token_reward_table
-    from llmdoctor_vllm.toy import build_tokenizer
-    from llmdoctor_vllm.toy_world import BAD_WORDS, GOOD_WORDS, sample_reply, toy_reward, toy_world_corpus
+    from benchmarks.baselines.args import token_reward_table
+    from llmdoctor_train.toy.models import build_tokenizer
+    from llmdoctor_train.toy.world import BAD_WORDS, GOOD_WORDS, sample_reply, toy_reward, toy_world_corpus
 
     tok = build_tokenizer([r["text"] for r in toy_world_corpus(3000, seed=0)], vocab_size=1024)
     table = token_reward_table(tok, toy_reward, size=1024)

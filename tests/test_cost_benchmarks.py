@@ -9,18 +9,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(script: str, *args: str) -> None:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    out = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, env=env,
+    out = subprocess.run([sys.executable, "-m", f"benchmarks.{script}", *args], cwd=ROOT, capture_output=True, text=True, env=env,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
 
 
 def test_throughput_smallest(tmp_path):
-    _run("throughput.py", "--batch-sizes", "1", "2", "--prompt-len", "8", "--output-len", "4", "--repeats", "1",
+    _run("throughput", "--batch-sizes", "1", "2", "--prompt-len", "8", "--output-len", "4", "--repeats", "1",
          "--step-lengths", "32", "--workdir", str(tmp_path / "models"), "--output-dir", str(tmp_path))
     result = json.loads((tmp_path / "throughput.json").read_text())
     assert (tmp_path / "throughput.png").stat().st_size > 0
@@ -33,7 +33,7 @@ def test_throughput_smallest(tmp_path):
 
 
 def test_runner_cost_smallest(tmp_path):
-    _run("runner_cost.py", "--shapes", "tiny", "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1", "2",
+    _run("runner_cost", "--shapes", "tiny", "--device", "cpu", "--dtype", "float32", "--batch-sizes", "1", "2",
          "--lengths", "16", "--repeats", "1", "--output-dir", str(tmp_path))
     result = json.loads((tmp_path / "runner_cost.json").read_text())
     assert (tmp_path / "runner_cost.png").stat().st_size > 0

@@ -7,8 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import ENGINE_KW
-from test_offline import PROMPTS, run, sp
+from tests.helpers import ENGINE_KW, PROMPTS, run, sp
 
 
 def test_preempted_requests_are_rebuilt_and_match(tiny, engine, keep_alive):
@@ -78,7 +77,8 @@ def test_startup_errors_name_the_path_and_problem(tiny, tmp_path):
     (corrupt / "model.safetensors").write_bytes(b"\x00garbage")
 
     # a doctor trained with another tokenizer: same size, different token meanings
-    from llmdoctor_vllm.toy import build_tiny_doctor, build_tokenizer, toy_corpus
+    from llmdoctor_train.toy.models import build_tiny_doctor, build_tokenizer
+    from llmdoctor_train.toy.world import toy_corpus
 
     other_tok = build_tokenizer(toy_corpus(seed=5)[::-1] + ["zebra quartz"] * 20)
     other = build_tiny_doctor(other_tok, tmp_path / "other_tok")
@@ -142,7 +142,7 @@ def test_delta_rule_needs_a_reference(tiny, tmp_path, keep_alive):
     """A full doctor whose manifest names no reference serves the product rule; delta is refused."""
     from vllm.exceptions import VLLMValidationError
 
-    from llmdoctor_vllm.toy import build_tiny_doctor
+    from llmdoctor_train.toy.models import build_tiny_doctor
 
     bare = build_tiny_doctor(tiny["tokenizer"], tmp_path / "no_ref")
     llm = _start(tiny, {"d": bare}, beta=0.0)

@@ -7,22 +7,7 @@ import math
 import pytest
 import torch
 
-from reference import guided_scores
-
-PROMPTS = ["The cat kindly", "A dog quickly helps", "Our team", "The teacher writes a letter. My friend"]
-
-
-def sp(**kw):
-    from vllm import SamplingParams
-
-    extra = {f"llmdoctor_{k}": v for k, v in kw.pop("guide", {}).items()}
-    return SamplingParams(max_tokens=kw.pop("max_tokens", 16), temperature=kw.pop("temperature", 0.0),
-                          extra_args=extra or None, **kw)
-
-
-def run(engine, prompts, params):
-    outs = engine.generate(prompts, params, use_tqdm=False)
-    return [list(o.outputs[0].token_ids) for o in outs], outs
+from tests.helpers import PROMPTS, guided_scores, run, sp
 
 
 def test_beta_zero_is_plain_vllm(engine):

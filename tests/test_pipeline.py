@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ENGINE_KW
-from reference import guided_scores
-from test_offline import PROMPTS, run, sp
+from tests.helpers import ENGINE_KW, PROMPTS, guided_scores, run, sp
 
 PAIRS = [("Tell me about the cat.", "The cat kindly helps the doctor.", "The cat rudely reads a book."),
          ("Describe the dog.", "A dog warmly thanks our team.", "A dog badly calls the river."),
@@ -20,8 +18,8 @@ def trained_doctors(tiny, engine, tmp_path_factory):
     """Rewards scored by the shared engine, then a LoRA doctor and a full doctor trained by the CLI."""
     import datasets
 
-    from train.rewards_pipeline import compute_rewards
-    from train.train_cli import main as train_main
+    from llmdoctor_train.stage1.pipeline import compute_rewards
+    from llmdoctor_train.cli import main as llmdoctor
 
     root = tmp_path_factory.mktemp("pipeline")
     data = datasets.Dataset.from_dict({"prompt": [p for p, _, _ in PAIRS], "chosen": [c for _, c, _ in PAIRS],
@@ -31,9 +29,9 @@ def trained_doctors(tiny, engine, tmp_path_factory):
     torch.set_num_threads(1)  # tiny models: threads cost more than they give on 2 shared cores
     out = {}
     for name, extra in (("lora", ["--lora-r", "4"]), ("full", ["--lora-r", "0", "--learning-rate", "1e-3"])):
-        train_main(["--rewards", str(root / "rewards"), "--model", str(tiny["root"] / "lora_base"),
-                    "--output", str(root / name), "--max-steps", "6", "--batch-size", "4", "--warmup-steps", "0",
-                    "--logging-steps", "3", "--save-steps", "1000", "--report-to", "none", *extra])
+        llmdoctor(["train", "--rewards", str(root / "rewards"), "--model", str(tiny["root"] / "lora_base"),
+                   "--output", str(root / name), "--max-steps", "6", "--batch-size", "4", "--warmup-steps", "0",
+                   "--logging-steps", "3", "--save-steps", "1000", "--report-to", "none", *extra])
         out[name] = str(root / name)
     return out
 

@@ -12,12 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.quality_metrics import bleu, distinct_n, diversity, pearson, perplexity, self_bleu, win_rate
+from llmdoctor_train.toy.world import toy_rewards
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-
-from quality_metrics import bleu, distinct_n, diversity, pearson, perplexity, self_bleu, win_rate  # noqa: E402
-
-from llmdoctor_vllm.toy_world import toy_rewards  # noqa: E402
 
 
 def test_task_reward_hand_computed():
@@ -72,7 +70,7 @@ def test_win_rate_perplexity_pearson():
 
 
 def test_targets_pick_points_within_the_diversity_floor():
-    import quality
+    from benchmarks import quality_report as quality
 
     pt = lambda r, d2, ppl=3.0: {"reward": r, "distinct_2": d2, "perplexity": ppl}  # noqa: E731
     methods = {"patient": [pt(0.0, 0.5)], "llmdoctor_product": [pt(3.0, 0.40), pt(2.0, 0.48)],
@@ -93,7 +91,7 @@ def test_quick_benchmark_end_to_end(tmp_path):
     method in one engine) and write well-formed results, into tmp_path only."""
     out = tmp_path / "out"
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "quality.py"), "--quick", "--workdir",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--workdir",
                            str(tmp_path / "work"), "--output-dir", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

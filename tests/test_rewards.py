@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.rewards import DEFAULT_NEGATIVE, DEFAULT_POSITIVE, Dimension, ragged_token_rewards, token_rewards
-from train.rewards_data import BadRowError, load_preferences
-from train.rewards_pipeline import RewardsConfig, compute_rewards
-from train.rewards_prompts import PromptFormatter
-from train.rewards_score import score_with_hf, score_with_vllm
+from llmdoctor_train.stage1.rewards import DEFAULT_NEGATIVE, DEFAULT_POSITIVE, Dimension, ragged_token_rewards, token_rewards
+from llmdoctor_train.stage1.data import BadRowError, load_preferences
+from llmdoctor_train.stage1.pipeline import RewardsConfig, compute_rewards
+from llmdoctor_train.stage1.data import PromptFormatter
+from llmdoctor_train.stage1.scoring import score_with_hf, score_with_vllm
 
 MAX_LEN = 256
 ROWS = [
@@ -38,7 +38,7 @@ def write_jsonl(path: Path, rows) -> str:
 
 @pytest.fixture(scope="module")
 def patient(tmp_path_factory):
-    from llmdoctor_vllm.toy import build_tiny_lm, build_tokenizer, save_lm
+    from llmdoctor_train.toy.models import build_tiny_lm, build_tokenizer, save_lm
 
     tok = build_tokenizer()
     return save_lm(build_tiny_lm(tok, vocab_pad_to=64), tok, tmp_path_factory.mktemp("rw") / "patient")
@@ -186,7 +186,7 @@ def test_length_limit_leaves_one_position_for_the_sampled_token(llm, tok):
     """vLLM refuses a prompt of exactly max_model_len (it must sample one token): rows must fit in one less."""
     from datasets import Dataset
 
-    from train.rewards_shards import plan_shards
+    from llmdoctor_train.stage1.scoring import plan_shards
 
     f = PromptFormatter(tok)
     ds = Dataset.from_list(ROWS[:1])
@@ -313,8 +313,8 @@ def test_restart_reuses_finished_shards(run, llm, patient):
 
 
 def test_cli_runs_through_the_llmdoctor_parser(tmp_path, run, llm, patient):
-    from llmdoctor_vllm.cli import build_parser
-    from train.rewards_cli import run_rewards
+    from llmdoctor_train.cli import build_parser
+    from llmdoctor_train.stage1.cli import run_rewards
 
     out = tmp_path / "cli"
     args = build_parser().parse_args([
@@ -334,7 +334,7 @@ def test_cli_runs_through_the_llmdoctor_parser(tmp_path, run, llm, patient):
 
 
 def test_module_help():
-    p = subprocess.run([sys.executable, "-m", "train.rewards_cli", "--help"], capture_output=True, text=True,
+    p = subprocess.run([sys.executable, "-m", "llmdoctor_train.cli", "rewards", "--help"], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parents[1], timeout=120)
     assert p.returncode == 0
     for needle in ("--data", "--patient", "--output", "--dimension", "--theta", "--skip-bad-rows", "--shard-size",

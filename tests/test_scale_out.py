@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from test_offline import PROMPTS, run, sp
+from tests.helpers import PROMPTS, run, sp
 
 _TP_SCRIPT = """
 import json, sys

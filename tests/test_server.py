@@ -6,32 +6,44 @@ processes), which is what production serving uses.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-from test_offline import sp
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
-from common import launch_server, stop_server  # noqa: E402
+from benchmarks.common import launch_server, stop_server
+from tests.helpers import sp
 
 SERVER_ARGS = ["--max-model-len", "256", "--max-num-seqs", "4"]
+CARD_ARGS = ["--logits-processor", "llmdoctor_vllm:LLMDoctor"]
 
 
 @pytest.fixture(scope="module")
 def server(tiny, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cfg = {"llmdoctor": {"doctors": tiny["doctors"], "beta": 0.0}}
-    # the class named again on the command line: vLLM builds it twice, one must stay idle
-    proc, url = launch_server(tiny["patient"], cfg, log, [*SERVER_ARGS, "--logits-processors",
-                                                          "llmdoctor_vllm.processor:LLMDoctorLogitsProcessor"],
+    # the card's `vllm serve PATIENT --logits-processor llmdoctor`, as vLLM takes it (a module:Type
+    # name; argparse reads --logits-processor as --logits-processors). The entry point loads the
+    # class too, so vLLM builds it twice: one instance steers, the other must stay idle.
+    proc, url = launch_server(tiny["patient"], cfg, log, [*SERVER_ARGS, *CARD_ARGS],
                               env={"VLLM_CPU_KVCACHE_SPACE": "1"})
     try:
         yield url
     finally:
         stop_server(proc)
+
+
+def test_card_name_maps_to_the_plugin_class():
+    """``llmdoctor_vllm:LLMDoctor`` is what vLLM's parser and loader turn into the plugin class;
+    the card's bare ``llmdoctor`` is refused by vLLM as an invalid FQCN."""
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
+
+    from llmdoctor_vllm import LLMDoctor, LLMDoctorLogitsProcessor
+
+    assert LLMDoctor is LLMDoctorLogitsProcessor
+    names = EngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(CARD_ARGS).logits_processors
+    assert _load_logitsprocs_by_fqcns(names) == [LLMDoctor]
+    with pytest.raises(ValueError, match="Invalid logits processor FQCN 'llmdoctor'"):
+        _load_logitsprocs_by_fqcns(["llmdoctor"])
 
 
 PROMPT = "The cat kindly"

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-
 
 def test_soak_two_short_rounds(tmp_path):
-    from soak import run_soak
+    from benchmarks.soak import run_soak
 
     result = run_soak(rounds=2, n_requests=40, workdir=tmp_path)
     for r in result["rounds"]:

@@ -1,6 +1,6 @@
 """Stage 2 (TFPO): losses against brute force, gradients, the direction of training, checkpoints.
 
-Everything runs on CPU with tiny random Qwen2 models from ``llmdoctor_vllm.toy``.
+Everything runs on CPU with tiny random Qwen2 models from ``llmdoctor_train.toy.models``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import shutil
 import pytest
 import torch
 
-from train.tfpo_loss import (apply_boundary, first_divergence, genarm_loss, prefix_log_q, subtb_loss,
-                             value_discrimination_loss)
+from llmdoctor_train.stage2.loss import (first_divergence, genarm_loss, prefix_log_q, subtb_loss,
+                                        value_discrimination_loss)
 
 GOOD, BAD = 150, 151  # token ids the synthetic rewards favour / disfavour
 R = math.tanh(1.0)  # a Stage 1 reward at mean importance
@@ -130,7 +130,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A tiny tokenizer and a saved tiny doctor base LM."""
-    from llmdoctor_vllm.toy import build_tiny_lm, build_tokenizer, save_lm
+    from llmdoctor_train.toy.models import build_tiny_lm, build_tokenizer, save_lm
 
     root = tmp_path_factory.mktemp("tfpo")
     tok = build_tokenizer()
@@ -159,7 +159,7 @@ def make_trainer(toy, out, *, lora=False, steps=10, records=None, **cfg):
     from datasets import Dataset
     from peft import LoraConfig
 
-    from train.tfpo_trainer import TFPOConfig, TFPOTrainer
+    from llmdoctor_train.stage2.trainer import TFPOConfig, TFPOTrainer
 
     kw = dict(output_dir=str(out), max_steps=steps, per_device_train_batch_size=8, learning_rate=3e-3,
               warmup_steps=0, logging_steps=5, save_strategy="no", report_to=[], seed=0, use_cpu=True,
@@ -279,7 +279,7 @@ def test_resume_from_checkpoint_continues_exactly(toy, tmp_path, resumed_run):
 @pytest.mark.parametrize("damage", ["value_head.safetensors", "adapter_model.safetensors", "trainer_state.json",
                                     "llmdoctor.json", "optimizer.pt", "rng_state.pth"])
 def test_corrupt_checkpoint_gives_a_clear_error(toy, tmp_path, resumed_run, damage):
-    from train.tfpo_trainer import ResumeCheckpointError
+    from llmdoctor_train.stage2.trainer import ResumeCheckpointError
 
     ckpt = tmp_path / "checkpoint-2"
     shutil.copytree(resumed_run[0] / "checkpoint-2", ckpt)
@@ -311,17 +311,17 @@ def test_cli_trains_from_a_saved_rewards_dataset(toy, tmp_path, capsys):
     from datasets import Dataset, DatasetDict
 
     from llmdoctor_vllm.checkpoint import load_doctor
-    from train.train_cli import main
+    from llmdoctor_train.cli import main
 
     with pytest.raises(SystemExit) as done:
-        main(["--help"])
+        main(["train", "--help"])
     assert done.value.code == 0 and "--rewards" in capsys.readouterr().out
     recs = synthetic_records(16)
     for r in recs:  # Stage 1 also writes per-dimension columns and diagnostics
         r.update(chosen_rewards_harmless=r["chosen_rewards"], rejected_rewards_harmless=r["rejected_rewards"],
                  chosen_S=[0.5] * len(r["chosen_ids"]), row_index=0)
     DatasetDict(train=Dataset.from_list(recs), test=Dataset.from_list(recs[:4])).save_to_disk(str(tmp_path / "rw"))
-    main(["--rewards", str(tmp_path / "rw"), "--model", toy["base"], "--output", str(tmp_path / "out"),
+    main(["train", "--rewards", str(tmp_path / "rw"), "--model", toy["base"], "--output", str(tmp_path / "out"),
           "--max-steps", "2", "--batch-size", "4", "--lora-r", "4", "--subtb-weighting", "lambda",
           "--dimension", "harmless", "--save-steps", "2", "--warmup-steps", "0"])
     doc = load_doctor(tmp_path / "out", patient_tokenizer=toy["tok"])
@@ -330,5 +330,5 @@ def test_cli_trains_from_a_saved_rewards_dataset(toy, tmp_path, capsys):
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-2").is_dir()
     assert "eval_subtb" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="lacks column"):
-        main(["--rewards", str(tmp_path / "rw"), "--model", toy["base"], "--output", str(tmp_path / "o2"),
+        main(["train", "--rewards", str(tmp_path / "rw"), "--model", toy["base"], "--output", str(tmp_path / "o2"),
               "--dimension", "honest"])

@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from llmdoctor_vllm.toy_world import (
+from llmdoctor_train.toy.patient import build_toy_patient, make_preference_dataset
+from llmdoctor_train.toy.world import (
     NEGATIVE_INSTRUCTION,
     POSITIVE_INSTRUCTION,
     as_scored,
-    build_toy_patient,
     format_example,
     format_prompt,
-    make_preference_dataset,
     toy_reward,
     toy_rewards,
     toy_wellformed,
@@ -79,7 +78,7 @@ def test_patient_loads_in_vllm(toy_patient, keep_alive):
     from transformers import AutoModelForCausalLM
     from vllm import LLM, SamplingParams
 
-    from llmdoctor_vllm.toy_world import toy_prompts
+    from llmdoctor_train.toy.world import toy_prompts
 
     path, tok = toy_patient["patient"], toy_patient["tokenizer"]
     llm = LLM(model=path, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=64 << 20, seed=0)

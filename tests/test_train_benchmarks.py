@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TINY_DOCTOR = ["--hidden-size", "64", "--layers", "1", "--heads", "1", "--kv-heads", "1", "--intermediate-size", "64",
                "--vocab-size", "512"]
@@ -21,14 +20,14 @@ def finite_positive(x) -> bool:
 
 
 def test_tfpo_cost_smallest(tmp_path):
-    from tfpo_cost import main
+    from benchmarks.tfpo_cost import main
 
     argv = ["--lengths", "8", "16", "--batch-size", "1", "--prompt-len", "4", "--repeats", "1", "--loss-repeats", "1",
             "--weightings", "all", "trajectory", "--output-dir", str(tmp_path), *TINY_DOCTOR]
     result = main(argv)
     data = json.loads((tmp_path / "tfpo_cost.json").read_text())
     assert (tmp_path / "tfpo_cost.png").stat().st_size > 0
-    assert data["command"] == "python benchmarks/tfpo_cost.py " + " ".join(argv)
+    assert data["command"] == "python -m benchmarks.tfpo_cost " + " ".join(argv)
     for key in ("date", "machine", "model", "settings", "target_ratio", "rows", "meets_target_all_pairs", "caveats"):
         assert key in data, key
     assert data["rows"] == json.loads(json.dumps(result["rows"]))
@@ -45,14 +44,14 @@ def test_tfpo_cost_smallest(tmp_path):
 def test_stage1_speed_smallest(tmp_path):
     """In a fresh process: the benchmark starts (and ends) its own in-process vLLM engine."""
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "stage1_speed.py"), "--rows", "2", "--repeats", "1",
+    cmd = [sys.executable, "-m", "benchmarks.stage1_speed", "--rows", "2", "--repeats", "1",
            "--warmup", "0", "--hidden-size", "64", "--layers", "1", "--hf-batch-size", "4", "--max-model-len", "256",
            "--max-num-seqs", "8", "--kv-cache-mb", "16", "--output-dir", str(out), "--workdir", str(tmp_path / "work")]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     data = json.loads((out / "stage1_speed.json").read_text())
     assert (out / "stage1_speed.png").stat().st_size > 0
-    assert data["command"].startswith("python benchmarks/stage1_speed.py --rows 2")
+    assert data["command"].startswith("python -m benchmarks.stage1_speed --rows 2")
     for key in ("date", "machine", "patient", "data", "settings", "rows", "ratios", "max_abs_logprob_diff_vllm_vs_hf",
                 "caveats"):
         assert key in data, key

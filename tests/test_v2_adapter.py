@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_offline import PROMPTS, run, sp
+from tests.helpers import PROMPTS, run, sp
 
 MAX_REQS, MAX_LEN = 4, 256
 

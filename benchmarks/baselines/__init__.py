@@ -24,11 +24,11 @@ __all__ = ["ARGSLogitsProcessor", "token_reward_table", "AISPLogitsProcessor", "
 
 def __getattr__(name):  # lazy re-exports: importing the package loads neither processor
     if name in ("ARGSLogitsProcessor", "token_reward_table"):
-        from llmdoctor_vllm.baselines import args
+        from benchmarks.baselines import args
 
         return getattr(args, name)
     if name in ("AISPLogitsProcessor", "aisp_generate", "importance_weights", "update_mean"):
-        from llmdoctor_vllm.baselines import aisp
+        from benchmarks.baselines import aisp
 
         return getattr(aisp, name)
     raise AttributeError(name)

@@ -37,8 +37,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from llmdoctor_vllm.baselines import as_float_vector, check_keys, number
-from llmdoctor_vllm.baselines.slots import SlotProcessor
+from benchmarks.baselines import as_float_vector, check_keys, number
+from benchmarks.baselines.slots import SlotProcessor
 
 logger = logging.getLogger("llmdoctor_vllm")
 

@@ -7,7 +7,7 @@ import logging
 import numpy as np
 from vllm.v1.sample.logits_processor.interface import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from llmdoctor_vllm.baselines import move_slot
+from benchmarks.baselines import move_slot
 
 logger = logging.getLogger("llmdoctor_vllm")
 

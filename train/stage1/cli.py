@@ -1,4 +1,4 @@
-"""``llmdoctor rewards``: Stage 1 token-level rewards from the command line (also ``python -m train.rewards_cli``)."""
+"""``llmdoctor rewards``: Stage 1 token-level rewards from the command line (options and run; ``llmdoctor_train.cli`` registers it)."""
 
 from __future__ import annotations
 
@@ -35,6 +35,8 @@ The work is done in shards under OUT/shards: rerun the same command after an int
 finished shards are reused; changing only --theta/--eps/--main-dimension rescores nothing.
 """
 
+HELP = "Stage 1: token-level rewards from the patient (vLLM)"
+
 EPILOG = """\
 examples:
   llmdoctor rewards --data prefs.jsonl --patient ./Qwen2.5-7B-Instruct --output rewards/
@@ -46,8 +48,9 @@ instruction as \\:)
 """
 
 
-def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from train.rewards import DEFAULT_NEGATIVE, DEFAULT_POSITIVE, EPS, THETA
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``llmdoctor rewards``."""
+    from llmdoctor_train.stage1.rewards import DEFAULT_NEGATIVE, DEFAULT_POSITIVE, EPS, THETA
 
     io = p.add_argument_group("data and output")
     io.add_argument("--data", required=True, help="preference data: file or folder (see above)")
@@ -91,15 +94,6 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                          "--engine-arg max_num_seqs=64 --engine-arg kv_cache_memory_bytes=67108864")
 
 
-def add_rewards_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the ``rewards`` sub-command to an ``argparse`` sub-parsers object."""
-    p = subparsers.add_parser("rewards", help="Stage 1: token-level rewards from the patient (vLLM)",
-                              description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(p)
-    return p
-
-
 def engine_kwargs(args) -> dict:
     """``vllm.LLM`` keyword arguments from the engine options."""
     kw = {"dtype": args.dtype, "tensor_parallel_size": args.tensor_parallel_size, "enforce_eager": args.enforce_eager}
@@ -120,8 +114,8 @@ def engine_kwargs(args) -> dict:
 
 def config_from_args(args):
     """The :class:`RewardsConfig` the options describe."""
-    from train.rewards import Dimension
-    from train.rewards_pipeline import RewardsConfig
+    from llmdoctor_train.stage1.rewards import Dimension
+    from llmdoctor_train.stage1.pipeline import RewardsConfig
 
     dims = [Dimension.parse(s, args.positive, args.negative) for s in args.dimension] or \
         [Dimension("default", args.positive, args.negative)]
@@ -132,8 +126,8 @@ def config_from_args(args):
 
 def run_rewards(args, llm=None) -> dict:
     """Runs Stage 1 for parsed ``args`` (``llm``: an already running patient engine, else one is started)."""
-    from train.rewards_data import DataError
-    from train.rewards_pipeline import compute_rewards
+    from llmdoctor_train.stage1.data import DataError
+    from llmdoctor_train.stage1.pipeline import compute_rewards
 
     try:
         config = config_from_args(args)
@@ -150,14 +144,3 @@ def run_rewards(args, llm=None) -> dict:
           f"{s['shards_computed']}, reused {s['shards_reused']}; wrote {args.output}")
     return summary
 
-
-def main(argv=None) -> dict:
-    """Stand-alone entry point: ``python -m train.rewards_cli --data ... --patient ... --output ...``."""
-    parser = argparse.ArgumentParser(prog="llmdoctor rewards", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    return run_rewards(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

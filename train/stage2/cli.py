@@ -13,6 +13,8 @@ chosen_rewards, rejected_rewards). The doctor must share the patient's tokenizer
 OUT becomes a doctor checkpoint for the vLLM plugin; Trainer checkpoints (each also a
 loadable doctor) go to OUTPUT/checkpoints unless --checkpoint-dir says otherwise."""
 
+HELP = "train a doctor with TFPO (Stage 2) from a token-reward dataset"
+
 EPILOG = """\
 example:
   llmdoctor train --rewards data/helpful_rewards --model Qwen/Qwen2.5-0.5B-Instruct \\
@@ -22,16 +24,8 @@ example:
   llmdoctor train ... --resume                              # continue from the last checkpoint"""
 
 
-def add_train_parser(subparsers) -> argparse.ArgumentParser:
-    """Adds the ``train`` subcommand to an ``argparse`` subparsers object."""
-    p = subparsers.add_parser("train", help="train a doctor with TFPO (Stage 2) from a token-reward dataset",
-                              description=DESCRIPTION, epilog=EPILOG,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(p)
-    return p
-
-
-def _add_arguments(p: argparse.ArgumentParser) -> None:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``llmdoctor train``."""
     io = p.add_argument_group("data and models")
     io.add_argument("--rewards", required=True, metavar="DATASET_DIR",
                     help="Stage 1 output: a datasets folder (a Dataset, or a DatasetDict with a 'train' split)")
@@ -114,7 +108,7 @@ def _load_rewards(path: str, eval_split: str | None):
 
 def _select_rewards(ds, dimension: str | None):
     """Keeps the five fields TFPO reads; with ``dimension``, its reward columns become the rewards."""
-    from train.tfpo_trainer import FIELDS
+    from llmdoctor_train.stage2.trainer import FIELDS
 
     if ds is None:
         return None
@@ -134,7 +128,7 @@ def run_train(args: argparse.Namespace) -> str:
     """Runs ``llmdoctor train`` from parsed arguments; returns the output checkpoint path."""
     import torch
 
-    from train.tfpo_trainer import TFPOConfig, TFPOTrainer
+    from llmdoctor_train.stage2.trainer import TFPOConfig, TFPOTrainer
 
     train_ds, eval_ds = _load_rewards(args.rewards, args.eval_split)
     train_ds, eval_ds = _select_rewards(train_ds, args.dimension), _select_rewards(eval_ds, args.dimension)
@@ -173,14 +167,3 @@ def run_train(args: argparse.Namespace) -> str:
     print(f"llmdoctor train: wrote doctor to {args.output} after {trainer.state.global_step} steps ({summary})")
     return args.output
 
-
-def main(argv=None) -> None:
-    """``python -m train.train_cli``: the ``train`` subcommand on its own."""
-    parser = argparse.ArgumentParser(prog="llmdoctor train", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_arguments(parser)
-    run_train(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    main()

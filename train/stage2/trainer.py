@@ -16,124 +16,22 @@ import json
 import logging
 import os
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerBase, Trainer
 
 from llmdoctor_vllm.checkpoint import VALUE_HEAD_NAME, DoctorCheckpointError, DoctorManifest, save_doctor
 from llmdoctor_vllm.value_head import ValueHead
-from train.tfpo_loss import (WEIGHTINGS, apply_boundary, genarm_loss, prefix_log_q, subtb_loss,
-                             value_discrimination_loss)
+from llmdoctor_train.stage2.config import FIELDS, TFPOCollator, TFPOConfig
+from llmdoctor_train.stage2.loss import (apply_boundary, genarm_loss, prefix_log_q, subtb_loss,
+                                        value_discrimination_loss)
 
 logger = logging.getLogger(__name__)
 
-FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejected_rewards")
 HEAD_MODULE = "llmdoctor_value_head"
-LOSS_TYPES = ("tfpo", "genarm")
 TRAINING_ARGS_NAME = "training_args.bin"
 TRAINER_STATE_NAME = "trainer_state.json"
-
-
-def _opt(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
-
-
-@dataclass
-class TFPOConfig(TrainingArguments):
-    """``TrainingArguments`` plus TFPO's settings; defaults follow METHOD.md ([R]: AdamW, batch 4, clip 1.0)."""
-
-    lam: float = _opt(0.1, "Weight of the value-discrimination loss (L_SubTB + lam * L_value).")
-    gamma: float = _opt(0.1, "Margin of the value-discrimination hinge.")
-    subtb_weighting: str = _opt("all", "Subtrajectories in L_SubTB: 'all' pairs (O(L)), 'lambda' (weight "
-                                       "lambda^(n-m)) or 'trajectory' (s_0 to s_L only).")
-    subtb_lambda: float = _opt(0.9, "lambda of the 'lambda' weighting, in (0, 1].")
-    max_length: int | None = _opt(1024, "Longest prompt+response in tokens; prompts are cut from the left "
-                                         "first, then responses from the right.")
-    value_head_inner_size: int | None = _opt(None, "Value head MLP width (default: the LM's hidden size).")
-    loss_type: str = _opt("tfpo", "'tfpo' (SubTB + value loss) or 'genarm' (GenARM's baseline loss).")
-    genarm_beta: float = _opt(0.05, "beta_r of the GenARM loss.")
-    model_dtype: str = _opt("float32", "dtype to load a model given by path: float32 (default; AdamW keeps "
-                                       "fp32 weights), bfloat16, float16 or auto.")
-    trained_for: str = _opt("", "What the doctor is for (e.g. 'helpfulness'), written to the manifest.")
-    remove_unused_columns: bool = _opt(False, "Must stay False: the collator reads the reward columns.")
-    per_device_train_batch_size: int = _opt(4, "Preference pairs per device and step.")
-    per_device_eval_batch_size: int = _opt(4, "Preference pairs per device in evaluation.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"TFPOConfig: loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
-        if self.subtb_weighting not in WEIGHTINGS:
-            raise ValueError(f"TFPOConfig: subtb_weighting must be one of {WEIGHTINGS}, got {self.subtb_weighting!r}")
-        if self.model_dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(f"TFPOConfig: model_dtype must be float32, bfloat16, float16 or auto, "
-                             f"got {self.model_dtype!r}")
-        if not 0.0 < self.subtb_lambda <= 1.0:
-            raise ValueError(f"TFPOConfig: subtb_lambda must be in (0, 1], got {self.subtb_lambda}")
-
-
-@dataclass
-class TFPOCollator:
-    """Pads a batch of reward records into one batch of ``2B`` rows: the chosen, then the rejected.
-
-    Returns ``input_ids``/``attention_mask`` ``[2B, T]`` (prompt + response, right-padded),
-    ``response_start`` ``[2B]`` (position of ``y_1``), and ``response_ids``, ``response_mask``,
-    ``rewards`` ``[2B, L]``. A pair shares one prompt truncation; an empty prompt becomes
-    ``[bos_token_id]`` because ``s_0`` needs a hidden state.
-    """
-
-    pad_token_id: int
-    max_length: int | None = None
-    bos_token_id: int | None = None
-
-    def _pair(self, ex: dict[str, Any]) -> tuple[list[int], list[list[int]], list[list[float]]]:
-        missing = [f for f in FIELDS if f not in ex]
-        if missing:
-            raise KeyError(f"TFPOCollator: example lacks field(s) {missing}; expected Stage 1's {FIELDS}")
-        prompt = list(ex["prompt_ids"])
-        resp = [list(ex["chosen_ids"]), list(ex["rejected_ids"])]
-        rew = [list(ex["chosen_rewards"]), list(ex["rejected_rewards"])]
-        for name, ids, r in zip(("chosen", "rejected"), resp, rew):
-            if len(ids) != len(r):
-                raise ValueError(f"TFPOCollator: {name}_rewards has {len(r)} values for {len(ids)} {name}_ids tokens")
-        if not prompt:
-            if self.bos_token_id is None:
-                raise ValueError("TFPOCollator: empty prompt_ids and no bos_token_id to stand for s_0")
-            prompt = [self.bos_token_id]
-        if self.max_length is not None:
-            longest = max(len(resp[0]), len(resp[1]))
-            keep = min(len(prompt), max(1, self.max_length - longest))
-            prompt = prompt[len(prompt) - keep:]
-            room = max(self.max_length - keep, 0)
-            resp, rew = [x[:room] for x in resp], [x[:room] for x in rew]
-        return prompt, resp, rew
-
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pairs = [self._pair(ex) for ex in examples]
-        rows = [(p, resp[i], rew[i]) for i in (0, 1) for p, resp, rew in pairs]  # chosen rows, then rejected
-        T = max(len(p) + len(y) for p, y, _ in rows)
-        L = max(1, max(len(y) for _, y, _ in rows))
-        n = len(rows)
-        input_ids = torch.full((n, T), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((n, T), dtype=torch.long)
-        response_ids = torch.full((n, L), self.pad_token_id, dtype=torch.long)
-        response_mask = torch.zeros((n, L), dtype=torch.bool)
-        rewards = torch.zeros((n, L), dtype=torch.float32)
-        start = torch.zeros(n, dtype=torch.long)
-        for i, (p, y, r) in enumerate(rows):  # per sequence, not per token
-            seq = p + y
-            input_ids[i, :len(seq)] = torch.tensor(seq, dtype=torch.long)
-            attention[i, :len(seq)] = 1
-            start[i] = len(p)
-            if y:
-                response_ids[i, :len(y)] = torch.tensor(y, dtype=torch.long)
-                response_mask[i, :len(y)] = True
-                rewards[i, :len(y)] = torch.tensor(r, dtype=torch.float32)
-        return {"input_ids": input_ids, "attention_mask": attention, "response_start": start,
-                "response_ids": response_ids, "response_mask": response_mask, "rewards": rewards}
 
 
 class ResumeCheckpointError(DoctorCheckpointError):

@@ -1,33 +1,17 @@
 """Tiny local models for tests, the demo and CPU benchmarks: nothing is downloaded.
 
-A byte-level BPE tokenizer is trained on a few KB of generated sentences, and Qwen2-shaped
+A byte-level BPE tokenizer is trained on a few KB of the toy world's sentences, and Qwen2-shaped
 causal LMs (hidden ~64-128) are random-initialised on it and saved with ``save_pretrained``,
 so every consumer goes through the real loading code.
 """
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import torch
 
-SUBJECTS = ["the cat", "a dog", "the doctor", "my friend", "the patient", "a small bird", "the teacher", "our team"]
-VERBS = ["sees", "helps", "finds", "likes", "answers", "writes", "reads", "builds", "thanks", "calls"]
-OBJECTS = ["the book", "a letter", "the garden", "a question", "the river", "an answer", "the house", "a song"]
-ADVERBS = ["kindly", "quickly", "carefully", "clearly", "politely", "rarely", "badly", "warmly"]
-GOOD_WORDS = ["kindly", "clearly", "politely", "warmly", "carefully", "thanks", "helps"]
-BAD_WORDS = ["badly", "rarely", "rudely", "poorly", "never"]
-
-
-def toy_corpus(n_sentences: int = 600, seed: int = 0) -> list[str]:
-    """Grammatical toy sentences: enough text for a BPE with a few hundred merges."""
-    rng = random.Random(seed)
-    out = []
-    for _ in range(n_sentences):
-        s = f"{rng.choice(SUBJECTS)} {rng.choice(ADVERBS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
-        out.append(s[0].upper() + s[1:])
-    return out
+from llmdoctor_train.toy.world import BAD_WORDS, GOOD_WORDS, toy_corpus
 
 
 def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
@@ -45,7 +29,7 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts + BAD_WORDS + GOOD_WORDS, trainer=trainer)
+    tok.train_from_iterator(texts + list(BAD_WORDS + GOOD_WORDS), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|endoftext|>"
     )

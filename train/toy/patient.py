@@ -1,4 +1,24 @@
-# ----------------------------------------------------------------------------- sampling
+"""The toy world's patient: trained here on the world's corpus, sampled, and turned into preference pairs.
+
+Seeded and built on the CPU in seconds (under one torch thread by default); nothing is
+downloaded. See :mod:`llmdoctor_train.toy.world` for the task itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from llmdoctor_train.toy.models import build_tiny_lm, build_tokenizer, save_lm
+from llmdoctor_train.toy.world import INSTRUCTIONS, STOP, format_prompt, toy_prompts, toy_rewards, toy_wellformed, \
+    toy_world_corpus
+
 
 @torch.no_grad()
 def sample_replies(model, tokenizer, prompts: Sequence[str], instruction: str | None = None, *,
@@ -80,8 +100,6 @@ def build_toy_patient(root: str | Path, seed: int = 0, steps: int = 300, *, n_ex
 
 
 def _build_toy_patient(root, seed, steps, *, n_examples, vocab_size, num_layers, batch_size, lr, measure, name):
-    from llmdoctor_train.toy.models import build_tiny_lm, build_tokenizer, save_lm
-
     t0 = time.perf_counter()
     rows = toy_world_corpus(n_examples, seed=seed)
     tok = build_tokenizer([r["text"] for r in rows], vocab_size=vocab_size)
@@ -95,7 +113,7 @@ def _build_toy_patient(root, seed, steps, *, n_examples, vocab_size, num_layers,
 
     model = build_tiny_lm(tok, hidden_size=128, num_layers=num_layers, num_heads=2, num_kv_heads=1,
                           vocab_pad_to=64, max_position_embeddings=512, seed=seed)
-    with torch.no_grad():  # undo toy.py's large lm_head init: train from a calm start
+    with torch.no_grad():  # undo build_tiny_lm's large lm_head init: train from a calm start
         model.lm_head.weight.normal_(0.0, 0.02)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]

@@ -1,0 +1,1 @@
+"""Stage 2: TFPO training of the doctor (loss, config, trainer, CLI)."""
