@@ -13,7 +13,7 @@ def combine(patient_logits: torch.Tensor, alpha: torch.Tensor, doctor_terms: tor
             valid_vocab: int) -> torch.Tensor:
     """Guided scores for ``G`` rows.
 
-    ``patient_logits`` ``[G, V]``; ``alpha`` ``[G]``; ``doctor_terms`` ``[G, V']`` the already
+    ``patient_logits`` ``[G, V]`` (``-inf`` where vLLM masked a token); ``alpha`` ``[G]`` (``>= 0``); ``doctor_terms`` ``[G, V']`` the already
     beta-weighted sum of doctor log-probability terms (``V' >= valid_vocab``). Columns past
     ``valid_vocab`` (padding rows of the logits, no token of the tokenizer) become ``-inf``.
     """
@@ -22,4 +22,6 @@ def combine(patient_logits: torch.Tensor, alpha: torch.Tensor, doctor_terms: tor
     out[:, :v] += doctor_terms[:, :v]
     if v < out.shape[1]:
         out[:, v:] = float("-inf")
-    return out
+    # what vLLM masked before us (bad words, allowed tokens, min_tokens, grammars) stays masked,
+    # whatever alpha is (0 * -inf would be NaN)
+    return out.masked_fill_(torch.isneginf(patient_logits), float("-inf"))

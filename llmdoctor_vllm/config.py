@@ -23,14 +23,18 @@ import numpy as np
 CONFIG_KEY = "llmdoctor"
 PREFIX = "llmdoctor_"
 RULES = ("product", "delta")
-_ENGINE_KEYS = {"doctors", "alpha", "beta", "rule", "cache_tokens", "block_size", "dtype"}
+_ENGINE_KEYS = {"doctors", "alpha", "beta", "rule", "cache_tokens", "block_size", "dtype", "prefill_chunk_tokens"}
 
 
 class GuidanceConfigError(ValueError):
     """A bad ``--additional-config`` llmdoctor section (raised at engine start)."""
 
 
+MAX_WEIGHT = 1000.0  # |alpha|, beta above this overflow float32 log-probability sums
+
+
 def _number(value, name: str, *, minimum: float | None = None) -> float:
+    """A weight: a finite number (in float32 too, as the worker holds it) within ``[minimum, MAX_WEIGHT]``."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     try:
@@ -41,6 +45,8 @@ def _number(value, name: str, *, minimum: float | None = None) -> float:
         raise ValueError(f"{name} must be finite, got {value!r}")
     if minimum is not None and x < minimum:
         raise ValueError(f"{name} must be >= {minimum:g}, got {value!r}")
+    if abs(x) > MAX_WEIGHT:
+        raise ValueError(f"{name} must be at most {MAX_WEIGHT:g} (larger weights overflow float32), got {value!r}")
     return x
 
 
@@ -55,6 +61,7 @@ class EngineGuidance:
     cache_tokens: int | None = None  # doctor KV budget per doctor model, in tokens
     block_size: int = 16
     dtype: str | None = None  # doctor dtype; default: the engine's
+    prefill_chunk_tokens: int = 2048  # most tokens in one doctor forward (a longer prompt takes several)
 
     @property
     def names(self) -> list[str]:
@@ -90,7 +97,7 @@ class EngineGuidance:
             if not name.replace("_", "").replace("-", "").isalnum():
                 raise GuidanceConfigError(f"llmdoctor: doctor name {name!r} must be alphanumeric (with - or _)")
         try:
-            alpha = _number(raw.get("alpha", 1.0), "llmdoctor alpha")
+            alpha = _number(raw.get("alpha", 1.0), "llmdoctor alpha", minimum=0.0)
             beta_raw = raw.get("beta", 0.5)
             if isinstance(beta_raw, dict):
                 unknown_b = set(beta_raw) - set(doctors)
@@ -104,18 +111,24 @@ class EngineGuidance:
             if rule not in RULES:
                 raise ValueError(f"llmdoctor rule must be one of {RULES}, got {rule!r}")
             cache_tokens = raw.get("cache_tokens")
-            if cache_tokens is not None and (not isinstance(cache_tokens, int) or cache_tokens < 16):
+            if cache_tokens is not None and (not isinstance(cache_tokens, int) or isinstance(cache_tokens, bool)
+                                             or cache_tokens < 16):
                 raise ValueError(f"llmdoctor cache_tokens must be an integer >= 16, got {cache_tokens!r}")
             block_size = raw.get("block_size", 16)
-            if not isinstance(block_size, int) or block_size < 1:
+            if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
                 raise ValueError(f"llmdoctor block_size must be a positive integer, got {block_size!r}")
+            if cache_tokens is not None and block_size > cache_tokens:
+                raise ValueError(f"llmdoctor block_size ({block_size}) must not exceed cache_tokens ({cache_tokens})")
+            chunk = raw.get("prefill_chunk_tokens", 2048)
+            if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
+                raise ValueError(f"llmdoctor prefill_chunk_tokens must be a positive integer, got {chunk!r}")
             dtype = raw.get("dtype")
             if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
                 raise ValueError(f"llmdoctor dtype must be float32, float16 or bfloat16, got {dtype!r}")
         except ValueError as e:
             raise GuidanceConfigError(str(e)) from None
         return cls(doctors=dict(doctors), alpha=alpha, beta=beta, rule=rule, cache_tokens=cache_tokens,
-                   block_size=block_size, dtype=dtype)
+                   block_size=block_size, dtype=dtype, prefill_chunk_tokens=chunk)
 
     def request(self, extra_args: dict | None) -> "RequestGuidance | None":
         """This engine's guidance for one request; ``None`` when it is not guided.
@@ -130,15 +143,15 @@ class EngineGuidance:
                 if key.startswith(PREFIX + "beta_"):
                     raise ValueError(f"{key}: unknown doctor {key[len(PREFIX) + 5:]!r}; this server has {names}")
                 raise ValueError(f"{key}: unknown llmdoctor argument; known: {sorted(PREFIX + k for k in known)}")
-        alpha = _number(args.get(PREFIX + "alpha", self.alpha), PREFIX + "alpha")
+        alpha = _number(args.get(PREFIX + "alpha", self.alpha), PREFIX + "alpha", minimum=0.0)
         rule = args.get(PREFIX + "rule", self.rule)
         if rule not in RULES:
             raise ValueError(f"{PREFIX}rule must be one of {list(RULES)}, got {rule!r}")
         chosen = args.get(PREFIX + "doctors")
         if chosen is not None:
             chosen = [chosen] if isinstance(chosen, str) else chosen
-            if not isinstance(chosen, list) or not all(isinstance(c, str) for c in chosen):
-                raise ValueError(f"{PREFIX}doctors must be a doctor name or a list of names, got {chosen!r}")
+            if not isinstance(chosen, list) or not chosen or not all(isinstance(c, str) for c in chosen):
+                raise ValueError(f"{PREFIX}doctors must be a doctor name or a non-empty list of names, got {chosen!r}")
             bad = [c for c in chosen if c not in self.doctors]
             if bad:
                 raise ValueError(f"{PREFIX}doctors: unknown doctor(s) {bad}; this server has {names}")

@@ -9,7 +9,6 @@ batch bookkeeping into ``add`` / ``remove`` / ``move`` and ``apply(logits, rows,
 from __future__ import annotations
 
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -17,17 +16,22 @@ from typing import Callable
 import numpy as np
 import torch
 
+from vllm.logger import init_logger
+
 from llmdoctor_vllm.checkpoint import load_doctor
 from llmdoctor_vllm.combine import combine
 from llmdoctor_vllm.config import EngineGuidance
 from llmdoctor_vllm.runner import DoctorCacheFull, DoctorRunner
 
-logger = logging.getLogger("llmdoctor_vllm")
+logger = init_logger("vllm.llmdoctor")  # under vLLM's logger tree, so INFO lines print where vLLM's do
+
+PARK_STEPS = 64  # a request left out of the batch keeps its doctor caches this many steps
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
-# new_tokens(slots, cached) -> for each slot, its token ids after the first ``cached`` ones
-TokenSource = Callable[[np.ndarray, np.ndarray], list]
+# new_tokens(slots, cached) -> (counts, ids): for each slot, how many token ids it has after the
+# first ``cached`` ones, and all of those ids end to end (a host array, or a tensor on the device)
+TokenSource = Callable[[np.ndarray, np.ndarray], tuple]
 
 
 @dataclass
@@ -52,6 +56,14 @@ class _DoctorFault(RuntimeError):
         self.doctor, self.error = doctor, error
 
 
+class UnservableRequests(RuntimeError):
+    """A token source cannot give the doctor these requests' tokens; they continue unguided."""
+
+    def __init__(self, slots: np.ndarray, reason: str):
+        super().__init__(reason)
+        self.slots, self.reason = slots, reason
+
+
 class GuidanceCore:
     """Slot state, doctor runners and the combine step for one engine worker."""
 
@@ -66,7 +78,8 @@ class GuidanceCore:
         tok = AutoTokenizer.from_pretrained(mc.tokenizer, trust_remote_code=mc.trust_remote_code)
         self.valid_vocab = len(tok)
         max_len = mc.max_model_len
-        budget = engine.cache_tokens or min(self.max_slots * max_len, 131072)
+        # more than every slot's whole context (plus parked requests) could never be used
+        budget = min(engine.cache_tokens or min(self.max_slots * max_len, 131072), 2 * self.max_slots * max_len)
         self.doctors: list[_Doctor] = []
         for name, path in engine.doctors.items():
             loaded = load_doctor(path, device=self.device, dtype=dtype, patient_tokenizer=tok)
@@ -76,12 +89,12 @@ class GuidanceCore:
                 raise DoctorCheckpointError(path, "the delta rule needs a reference, and this full doctor's "
                                                   "manifest names none (set 'reference' or use rule 'product')")
 
-            def runner(model, streams):
-                return DoctorRunner(model, device=self.device, dtype=dtype, cache_tokens=budget,
-                                    max_streams=streams, max_len=max_len, block_size=engine.block_size)
-
-            ref = runner(loaded.reference_model, self.max_slots) if loaded.reference_model is not None else None
-            main = runner(loaded.model, 2 * self.max_slots if loaded.is_lora else self.max_slots)
+            # stream ids for every slot, twice: a request the scheduler left out of a step keeps its
+            # cache (parked) while its slot is reused
+            streams = 2 * self.max_slots
+            ref = self._runner(loaded.reference_model, budget, streams, max_len, dtype) \
+                if loaded.reference_model is not None else None
+            main = self._runner(loaded.model, budget, 2 * streams if loaded.is_lora else streams, max_len, dtype)
             self.doctors.append(_Doctor(name, main, ref, loaded.is_lora))
             logger.info("llmdoctor: doctor %r from %s (%s, KV pool %.1f MiB)", name, path, loaded.manifest.kind,
                         main.kv_bytes / 2**20)
@@ -94,8 +107,28 @@ class GuidanceCore:
         self.ref_streams = np.full((self.max_slots, n), -1, dtype=np.int64)
         self.num_guided = 0
         self.resumed = 0  # guided requests re-added after preemption
+        # which request holds a slot: a number no other request had, 0 when none
+        self.generation = np.zeros(self.max_slots, dtype=np.int64)
+        self._next_generation = 0
+        # alpha per slot on the device, refreshed from the host array when a request comes or goes
+        self.alpha_dev = torch.ones(self.max_slots, device=self.device)
+        self._alpha_dirty = False
+        self._pending_nan: list = []  # (flags on the host, slots, generations, event): read a step later
+        self.parked: dict = {}  # key -> (caches, step parked): requests left out of a step
+        self.steps = 0
         # For operators and the soak test: occupancy written to this file when the batch changes.
         self.stats_path = os.environ.get("LLMDOCTOR_STATS_FILE")
+
+    def _runner(self, model, budget: int, streams: int, max_len: int, dtype) -> DoctorRunner:
+        e = self.engine
+        try:
+            return DoctorRunner(model, device=self.device, dtype=dtype, cache_tokens=budget, max_streams=streams,
+                                max_len=max_len, block_size=e.block_size, max_pass_tokens=e.prefill_chunk_tokens)
+        except (RuntimeError, MemoryError) as err:  # torch's OutOfMemoryError is a RuntimeError
+            from llmdoctor_vllm.config import GuidanceConfigError
+
+            raise GuidanceConfigError(f"llmdoctor cache_tokens={budget}: cannot allocate the doctor's KV pool on "
+                                      f"{self.device} ({err}); lower cache_tokens") from None
 
     # -- batch bookkeeping -------------------------------------------------------------
     def add(self, slot: int, extra_args: dict | None) -> bool:
@@ -112,6 +145,9 @@ class GuidanceCore:
             return False
         self.guided[slot] = True
         self.alpha[slot], self.betas[slot], self.delta[slot] = g.alpha, g.betas, g.delta
+        self._alpha_dirty = True
+        self._next_generation += 1
+        self.generation[slot] = self._next_generation
         self.num_guided += 1
         return True
 
@@ -121,15 +157,55 @@ class GuidanceCore:
             return
         self.release_streams(slot)
         self.guided[slot] = False
+        self.generation[slot] = 0
         self.num_guided -= 1
+
+    def park(self, slot: int, key) -> None:
+        """Unguides ``slot`` but keeps its doctor caches under ``key`` for :meth:`adopt`.
+
+        For a request the scheduler left out of a step: its caches hold its tokens so far, so
+        when it comes back (even after preemption: the same tokens) nothing is recomputed. Parked
+        caches are freed under memory pressure, after ``PARK_STEPS`` steps, or when no guided
+        request is left.
+        """
+        held = self.streams[slot].copy(), self.ref_streams[slot].copy()
+        self.streams[slot] = self.ref_streams[slot] = -1
+        self.remove(slot)
+        if (held[0] >= 0).any() or (held[1] >= 0).any():
+            self.parked[key] = (held, self.steps)
+
+    def adopt(self, slot: int, key) -> bool:
+        """Gives the guided ``slot`` the caches parked under ``key``; whether there were any."""
+        entry = self.parked.pop(key, None)
+        if entry is None:
+            return False
+        self.streams[slot], self.ref_streams[slot] = entry[0]
+        return True
+
+    def expire_parked(self) -> None:
+        """Frees parked caches older than ``PARK_STEPS`` steps, or all once no request is guided."""
+        old = [k for k, (_, step) in self.parked.items() if not self.num_guided or self.steps - step > PARK_STEPS]
+        for key in old:
+            self.free(self.parked.pop(key)[0])
+
+    def evict_parked(self) -> bool:
+        """Frees every parked cache (memory pressure); whether there were any."""
+        keys = list(self.parked)
+        for key in keys:
+            self.free(self.parked.pop(key)[0])
+        return bool(keys)
+
+    def free(self, held: tuple[np.ndarray, np.ndarray]) -> None:
+        """Frees caches that :meth:`park` kept."""
+        for d, doc in enumerate(self.doctors):
+            if held[0][d] >= 0:
+                doc.runner.free_stream(int(held[0][d]))
+            if held[1][d] >= 0:
+                (doc.runner if doc.lora else doc.ref_runner).free_stream(int(held[1][d]))
 
     def release_streams(self, slot: int) -> None:
         """Frees the slot's doctor caches; a still-guided slot rebuilds them at its next step."""
-        for d, doc in enumerate(self.doctors):
-            if self.streams[slot, d] >= 0:
-                doc.runner.free_stream(int(self.streams[slot, d]))
-            if self.ref_streams[slot, d] >= 0:
-                (doc.runner if doc.lora else doc.ref_runner).free_stream(int(self.ref_streams[slot, d]))
+        self.free((self.streams[slot], self.ref_streams[slot]))
         self.streams[slot] = -1
         self.ref_streams[slot] = -1
 
@@ -140,7 +216,8 @@ class GuidanceCore:
         """
         if not swap:
             self.remove(b)
-        arrays = (self.guided, self.alpha, self.betas, self.delta, self.streams, self.ref_streams)
+        self._alpha_dirty = True
+        arrays = (self.guided, self.alpha, self.betas, self.delta, self.streams, self.ref_streams, self.generation)
         for arr in arrays:
             tmp = arr[b].copy()
             arr[b] = arr[a]
@@ -150,6 +227,7 @@ class GuidanceCore:
             self.guided[a] = False
             self.streams[a] = -1
             self.ref_streams[a] = -1
+            self.generation[a] = 0
 
     def write_stats(self) -> None:
         """Writes :meth:`occupancy` to ``$LLMDOCTOR_STATS_FILE`` (atomically), if it is set."""
@@ -178,15 +256,21 @@ class GuidanceCore:
 
         vLLM gives a logits processor no way to fail one request, so a request whose doctor
         cannot serve it (cache full, a failing or non-finite doctor forward) goes on unguided,
-        and the reason is logged; the engine and the other requests are not affected.
+        and the reason is logged; the engine and the other requests are not affected. The step
+        stays on the device: a row whose doctor returned NaN is sampled from the patient alone in
+        that step and unguided once the flags reach the host (next step on a GPU).
         """
+        self.steps += 1
+        self._unguide_nan_rows()
         done: dict = {}  # doctor -> (slots, weighted log-probs) already computed in this step
         for _ in range(len(self.doctors) + 2):  # drop what cannot be served, then retry the rest
             try:
                 terms = self._doctor_terms(slots, new_tokens, done)
                 break
             except DoctorCacheFull as full:
-                self._drop_streams(full)
+                self._drop_streams(full, slots)
+            except UnservableRequests as e:
+                self._unguide(e.slots, e.reason)
             except _DoctorFault as fault:  # a doctor fault must not take the engine down
                 hit = slots[self.betas[slots, fault.doctor] > 0]
                 self._unguide(hit, f"doctor {self.doctors[fault.doctor].name!r} failed ({fault.error!r})")
@@ -198,22 +282,47 @@ class GuidanceCore:
             return logits
         if terms is None:
             return logits
+        dev = logits.device
+        if self._alpha_dirty:
+            self.alpha_dev.copy_(torch.from_numpy(self.alpha), non_blocking=True)
+            self._alpha_dirty = False
         bad = torch.isnan(terms).any(dim=1)
-        if bool(bad.any()):
-            bad_np = bad.cpu().numpy()
-            self._unguide(slots[bad_np], "doctor returned NaN log-probabilities")
-            rows, terms, slots = rows[~bad_np], terms[~bad], slots[~bad_np]
-        rows_t = torch.from_numpy(rows).to(logits.device)
-        alpha = torch.from_numpy(self.alpha[slots]).to(logits.device)
+        terms = terms.masked_fill_(bad[:, None], 0.0)
+        alpha = self.alpha_dev[torch.from_numpy(slots).to(dev)].masked_fill_(bad, 1.0)
+        self._watch_nan(bad, slots)
+        rows_t = torch.from_numpy(rows).to(dev)
         logits[rows_t] = combine(logits[rows_t], alpha, terms, self.valid_vocab).to(logits.dtype)
         return logits
+
+    def _watch_nan(self, bad: torch.Tensor, slots: np.ndarray) -> None:
+        """Queues this step's NaN flags for the host without waiting for them."""
+        if bad.device.type == "cpu":
+            self._pending_nan.append((bad.numpy().copy(), slots, self.generation[slots].copy(), None))
+            return
+        flags = torch.empty(bad.shape, dtype=torch.bool, pin_memory=True)
+        flags.copy_(bad, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self._pending_nan.append((flags, slots, self.generation[slots].copy(), event))
+
+    def _unguide_nan_rows(self) -> None:
+        """Unguides the requests whose doctor returned NaN in an earlier step, once that is known."""
+        while self._pending_nan:
+            flags, slots, gens, event = self._pending_nan[0]
+            if event is not None and not event.query():
+                return
+            self._pending_nan.pop(0)
+            flags = flags if isinstance(flags, np.ndarray) else flags.numpy()
+            hit = slots[flags & (self.generation[slots] == gens)]
+            if len(hit):
+                self._unguide(hit, "doctor returned NaN log-probabilities")
 
     def _unguide(self, slots: np.ndarray, reason: str) -> None:
         for slot in slots.tolist():
             logger.error("llmdoctor: %s; the request in slot %d continues unguided", reason, slot)
             self.remove(int(slot))
 
-    def _doctor_terms(self, slots: np.ndarray, new_tokens: TokenSource, done: dict) -> torch.Tensor:
+    def _doctor_terms(self, slots: np.ndarray, new_tokens: TokenSource, done: dict) -> torch.Tensor | None:
         """``sum_i beta_i * (log p_i [- log p_i_ref])`` for the guided ``slots``; feeds every stream.
 
         A doctor's result is kept in ``done``, so a retry after dropping some requests does not
@@ -228,41 +337,43 @@ class GuidanceCore:
             sl = slots[use]
             if d in done:
                 prev_slots, prev_lp = done[d]
-                pick = np.searchsorted(prev_slots, sl, sorter=np.argsort(prev_slots))
-                order = np.argsort(prev_slots)[pick]
-                lp = prev_lp[torch.from_numpy(order).to(prev_lp.device)]
-                if total is None:
-                    total = torch.zeros((len(slots), lp.shape[1]), device=lp.device, dtype=torch.float32)
-                total[torch.from_numpy(use).to(lp.device)] += lp
-                continue
-            self._open_streams(sl, d, doc)
-            main_ids = self.streams[sl, d]
-            toks = new_tokens(sl, doc.runner.lengths[main_ids])
-            ref_rows = np.nonzero(self.delta[sl])[0]
-            ref_ids = self.ref_streams[sl[ref_rows], d]
-            ref_runner = doc.runner if doc.lora else doc.ref_runner
-            ref_toks = new_tokens(sl[ref_rows], ref_runner.lengths[ref_ids]) if len(ref_rows) else []
-            try:
-                if doc.lora and len(ref_rows):
-                    # one forward: the rows with the adapter on, then the delta rows with it off
-                    off = np.concatenate([np.zeros(len(sl), bool), np.ones(len(ref_rows), bool)])
-                    lp_all = doc.runner.step(np.concatenate([main_ids, ref_ids]), toks + ref_toks, adapter_off=off)
-                    lp, ref_lp = lp_all[: len(sl)], lp_all[len(sl):]
-                else:
-                    lp = doc.runner.step(main_ids, toks)
-                    ref_lp = ref_runner.step(ref_ids, ref_toks) if len(ref_rows) else None
-            except DoctorCacheFull:
-                raise
-            except Exception as e:  # noqa: BLE001
-                raise _DoctorFault(d, e) from e
-            if ref_lp is not None:
-                lp[torch.from_numpy(ref_rows).to(lp.device)] -= ref_lp
-            lp.mul_(torch.from_numpy(beta[use]).to(lp.device)[:, None])
-            done[d] = (sl, lp)
+                where = {s: i for i, s in enumerate(prev_slots.tolist())}
+                lp = prev_lp[torch.tensor([where[s] for s in sl.tolist()], device=prev_lp.device)]
+            else:
+                lp = self._doctor_step(d, doc, sl, new_tokens)
+                lp.mul_(torch.from_numpy(beta[use]).to(lp.device)[:, None])
+                done[d] = (sl, lp)
             if total is None:
                 total = torch.zeros((len(slots), lp.shape[1]), device=lp.device, dtype=torch.float32)
             total[torch.from_numpy(use).to(lp.device)] += lp
         return total
+
+    def _doctor_step(self, d: int, doc: _Doctor, sl: np.ndarray, new_tokens: TokenSource) -> torch.Tensor:
+        """One doctor's log-probs (minus its reference's, for delta-rule rows) for ``sl``."""
+        self._open_streams(sl, d, doc)
+        main_ids = self.streams[sl, d]
+        ref_rows = np.nonzero(self.delta[sl])[0]
+        ref_ids = self.ref_streams[sl[ref_rows], d]
+        ref_runner = doc.runner if doc.lora else doc.ref_runner
+        try:
+            toks = new_tokens(sl, doc.runner.lengths[main_ids])
+            ref_toks = new_tokens(sl[ref_rows], ref_runner.lengths[ref_ids]) if len(ref_rows) else None
+            if doc.lora and len(ref_rows):
+                # one forward: the rows with the adapter on, then the delta rows with it off
+                off = np.concatenate([np.zeros(len(sl), bool), np.ones(len(ref_rows), bool)])
+                lp_all = doc.runner.step(np.concatenate([main_ids, ref_ids]), _cat_tokens(toks, ref_toks),
+                                         adapter_off=off)
+                lp, ref_lp = lp_all[: len(sl)], lp_all[len(sl):]
+            else:
+                lp = doc.runner.step(main_ids, toks)
+                ref_lp = ref_runner.step(ref_ids, ref_toks) if len(ref_rows) else None
+        except (DoctorCacheFull, UnservableRequests):
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise _DoctorFault(d, e) from e
+        if ref_lp is not None:
+            lp[torch.from_numpy(ref_rows).to(lp.device)] -= ref_lp
+        return lp
 
     def _open_streams(self, slots: np.ndarray, d: int, doc: _Doctor) -> None:
         for s in slots[self.streams[slots, d] < 0]:
@@ -272,8 +383,16 @@ class GuidanceCore:
             for s in slots[(self.ref_streams[slots, d] < 0) & self.delta[slots]]:
                 self.ref_streams[s, d] = ref_runner.new_stream()
 
-    def _drop_streams(self, full: DoctorCacheFull) -> None:
-        """Unguides the requests whose doctor cache did not fit, and says so."""
+    def _drop_streams(self, full: DoctorCacheFull, present: np.ndarray) -> None:
+        """Makes room: first frees the caches of guided requests absent from this step (they are
+        rebuilt if they come back), and only then unguides the requests that did not fit."""
+        idle = self.guided.copy()
+        idle[present] = False
+        held = (self.streams >= 0).any(1) | (self.ref_streams >= 0).any(1)
+        if self.evict_parked() or (idle & held).any():
+            for slot in np.nonzero(idle & held)[0]:
+                self.release_streams(int(slot))
+            return
         hit = np.isin(self.streams, full.streams).any(1) | np.isin(self.ref_streams, full.streams).any(1)
         hit &= self.guided
         if not full.streams:  # out of stream ids: drop the requests that have none yet
@@ -281,3 +400,10 @@ class GuidanceCore:
         for slot in np.nonzero(hit)[0]:
             logger.warning("llmdoctor: %s; the request in slot %d continues unguided", full, slot)
             self.remove(int(slot))
+
+
+def _cat_tokens(a: tuple, b: tuple) -> tuple:
+    """Two ``(counts, ids)`` token batches as one."""
+    ids = (torch.cat([torch.as_tensor(a[1]), torch.as_tensor(b[1]).to(torch.as_tensor(a[1]).device)])
+           if isinstance(a[1], torch.Tensor) or isinstance(b[1], torch.Tensor) else np.concatenate([a[1], b[1]]))
+    return np.concatenate([a[0], b[0]]), ids

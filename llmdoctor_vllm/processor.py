@@ -11,55 +11,24 @@ every request under V2 and returns the logits untouched under V1.
 from __future__ import annotations
 
 import functools
-import logging
-import sys
 import weakref
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
-from llmdoctor_vllm.config import EngineGuidance
+from llmdoctor_vllm.config import EngineGuidance, GuidanceConfigError
+from llmdoctor_vllm.frontend import check_request, engine_config_of_caller
+from llmdoctor_vllm.slots import finished_slot_source
 
-logger = logging.getLogger("llmdoctor_vllm")
+logger = init_logger("vllm.llmdoctor")
 
 # One steering instance per engine config in a process: vLLM builds the class twice when it is
 # both installed (entry point) and named in --logits-processors.
 _OWNERS: "weakref.WeakValueDictionary[int, LLMDoctorLogitsProcessor]" = weakref.WeakValueDictionary()
-
-
-@functools.lru_cache(maxsize=64)
-def _has_reference(path: str) -> bool:
-    """Whether the checkpoint at ``path`` can serve the delta rule (read from its manifest)."""
-    from llmdoctor_vllm.checkpoint import DoctorManifest
-
-    try:
-        m = DoctorManifest.read(path)
-    except ValueError:
-        return False
-    return m.kind == "lora" or bool(m.reference)
-
-
-def _frontend_guidance() -> EngineGuidance | None | bool:
-    """The serving engine's guidance settings, seen from ``validate_params``.
-
-    ``validate_params`` is a classmethod that vLLM calls with the sampling params alone, from
-    vLLM's ``InputProcessor``; the engine's ``additional_config`` (which doctors exist) is
-    read from that caller. Returns ``False`` when no caller holds a config (then only the
-    shape of the arguments is checked here, and the worker ignores what it cannot use).
-    """
-    frame = sys._getframe(2)
-    for _ in range(8):
-        if frame is None:
-            break
-        owner = frame.f_locals.get("self")
-        cfg = getattr(owner, "vllm_config", None)
-        if cfg is not None and hasattr(cfg, "additional_config"):
-            return EngineGuidance.from_additional_config(cfg.additional_config)
-        frame = frame.f_back
-    return False
 
 
 def active_processors() -> list["LLMDoctorLogitsProcessor"]:
@@ -67,11 +36,56 @@ def active_processors() -> list["LLMDoctorLogitsProcessor"]:
     return [p for p in _OWNERS.values() if p.core is not None]
 
 
+def _is_last_pipeline_stage() -> bool:
+    """Only the last pipeline stage samples; the others need no doctor."""
+    try:
+        from vllm.distributed import get_pp_group
+
+        return get_pp_group().is_last_rank
+    except (AssertionError, ImportError, AttributeError):  # no distributed state (a bare harness)
+        return True
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(name: str):
+    import importlib
+
+    module, _, attr = name.partition(":") if ":" in name else name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except Exception:  # noqa: BLE001 - a name vLLM resolves itself, or fails on, at start
+        return None
+
+
+def _named(processors) -> bool:
+    """Whether ``--logits-processors`` names this class (then vLLM fills in async placeholders)."""
+    for p in processors or ():
+        cls = p if isinstance(p, type) else _resolve(str(p))
+        if isinstance(cls, type) and issubclass(cls, LLMDoctorLogitsProcessor):
+            return True
+    return False
+
+
+def check_engine(vllm_config, v2: bool) -> None:
+    """Refuses, at engine start, the engine features under which guidance cannot be trusted."""
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        raise GuidanceConfigError("llmdoctor: guidance does not support speculative decoding (the doctor would "
+                                  "have to score every draft token); start the server without a speculative config, "
+                                  "or without llmdoctor doctors")
+    sched = vllm_config.scheduler_config
+    if not v2 and getattr(sched, "async_scheduling", False) and not _named(vllm_config.model_config.logits_processors):
+        raise GuidanceConfigError(
+            "llmdoctor: vLLM's V1 model runner with async scheduling hands logits processors placeholder (-1) "
+            "tokens unless the processor is named on the command line; add `--logits-processors "
+            "llmdoctor_vllm:LLMDoctor` (or LLM(logits_processors=['llmdoctor_vllm:LLMDoctor'])), or turn async "
+            "scheduling off with --no-async-scheduling")
+
+
 class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
     """Steers guided requests by ``alpha * log p_patient + sum_i beta_i * log p_doctor_i``.
 
     Per-request weights come from ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP);
-    see :mod:`llmdoctor_vllm.config` for the keys.
+    see :mod:`llmdoctor_vllm.config` for the keys. Public name: ``llmdoctor_vllm:LLMDoctor``.
     """
 
     def __init__(self, vllm_config, device_or_req_states, is_pin_memory: bool | None = None):
@@ -81,6 +95,10 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
         self.core = None
         engine = EngineGuidance.from_additional_config(getattr(vllm_config, "additional_config", None))
         if engine is None:
+            return
+        check_engine(vllm_config, self.v2)
+        if not _is_last_pipeline_stage():
+            logger.info("llmdoctor: not the last pipeline stage; no doctor is loaded here")
             return
         owner = _OWNERS.get(id(vllm_config))
         if owner is not None and owner.vllm_config is vllm_config:
@@ -93,26 +111,18 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
         _OWNERS[id(vllm_config)] = self
         self.prompts: list = [None] * self.core.max_slots  # V1: live token lists per batch index
         self.outputs: list = [None] * self.core.max_slots
-        self._seen = np.zeros(self.core.max_slots, dtype=bool)  # V2: slots present last step
+        self._finished = finished_slot_source(self.req_states) if self.v2 else None
+        if self.v2 and self._finished is None:
+            logger.warning("llmdoctor: cannot see which request slots this vLLM's model runner freed; a finished "
+                           "request's doctor cache is freed when its slot is reused or memory runs short")
 
     # -- both interfaces ---------------------------------------------------------------
     @classmethod
     def validate_params(cls, sampling_params) -> None:
         """Rejects a request with bad llmdoctor arguments (the server answers HTTP 400)."""
         extra = sampling_params.extra_args or {}
-        if not any(k.startswith("llmdoctor_") for k in extra):
-            return
-        engine = _frontend_guidance()
-        if engine is None:
-            raise ValueError("llmdoctor_* arguments given, but this server has no llmdoctor doctors configured")
-        if engine is False:
-            engine = EngineGuidance(doctors={k[len("llmdoctor_beta_"):]: "" for k in extra
-                                             if k.startswith("llmdoctor_beta_")} or {"doctor": ""})
-            engine.request(extra)
-            return
-        guidance = engine.request(extra)
-        if guidance is not None:
-            engine.check_delta_references(guidance, {n: _has_reference(p) for n, p in engine.doctors.items()})
+        if any(k.startswith("llmdoctor_") for k in extra):
+            check_request(extra, engine_config_of_caller())
 
     def is_argmax_invariant(self) -> bool:
         """Guidance changes which token is most likely, so greedy requests are steered too."""
@@ -124,12 +134,15 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
             return
         core = self.core
         for index in batch_update.removed:
-            core.remove(index)
+            # finished, preempted or only left out of this step: keep its caches for a while
+            if core.guided[index]:
+                core.park(index, id(self.outputs[index]))
             self.prompts[index] = self.outputs[index] = None
         for index, params, prompt, output in batch_update.added:
             if core.add(index, params.extra_args):
                 self.prompts[index], self.outputs[index] = prompt or [], output
-                core.resumed += bool(output)  # a preempted request comes back with its output so far
+                if not core.adopt(index, id(output)):
+                    core.resumed += bool(output)  # a preempted request comes back with its output so far
             else:
                 self.prompts[index] = self.outputs[index] = None
         for a, b, direction in batch_update.moved:
@@ -137,44 +150,66 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
             core.move(a, b, swap)
             for lst in (self.prompts, self.outputs):
                 lst[a], lst[b] = (lst[b] if swap else None), lst[a]
+        core.expire_parked()
         core.write_stats()
 
-    def _v1_tokens(self, slots: np.ndarray, cached: np.ndarray) -> list:
-        out = []
-        for s, c in zip(slots.tolist(), cached.tolist()):
+    def _v1_tokens(self, slots: np.ndarray, cached: np.ndarray) -> tuple:
+        """Each slot's tokens past ``cached``, from vLLM's live prompt and output lists."""
+        runs = []
+        for s, c in zip(slots.tolist(), cached.tolist()):  # vLLM hands these over as Python lists
             p, o = self.prompts[s], self.outputs[s]
-            out.append(p[c:] + o if c < len(p) else o[c - len(p):])
-        return out
+            runs.append(p[c:] + o if c < len(p) else o[c - len(p):])
+        counts = np.fromiter(map(len, runs), dtype=np.int64, count=len(runs))
+        ids = np.fromiter((t for r in runs for t in r), dtype=np.int64, count=int(counts.sum()))
+        if (ids < 0).any():
+            from llmdoctor_vllm.core import UnservableRequests
+
+            bad = np.repeat(slots, counts)[ids < 0]
+            raise UnservableRequests(np.unique(bad), "vLLM handed placeholder (-1) tokens to the doctor "
+                                                     "(async scheduling without --logits-processors)")
+        return counts, ids
 
     # -- V2 ----------------------------------------------------------------------------
     def add_request(self, req_idx: int, sampling_params) -> bool:
         if self.core is None:
             return False
-        self._seen[req_idx] = False
-        return self.core.add(req_idx, sampling_params.extra_args)
+        guided = self.core.add(req_idx, sampling_params.extra_args)
+        if guided:
+            rs = self.req_states
+            prefill, prompt = getattr(rs, "prefill_len", None), getattr(rs, "prompt_len", None)
+            if prefill is not None and prompt is not None:  # resumed after preemption: output so far is refed
+                self.core.resumed += bool(prefill.np[req_idx] > prompt.np[req_idx])
+        return guided
 
     def apply_staged_writes(self) -> None:
-        pass
+        """Every step: frees the doctor caches of the requests the runner finished or preempted."""
+        if self.core is None or self._finished is None:
+            return
+        gone = self._finished()
+        gone = gone[self.core.guided[gone]]
+        if len(gone):
+            for slot in gone.tolist():
+                self.core.remove(slot)
+            self.core.write_stats()
 
     def _v2_tokens(self, ctx, rows: np.ndarray):
-        """Token source over the runner's committed token table plus this step's input token."""
-        slots = ctx.idx_mapping_np[rows]
-        row_of = dict(zip(slots.tolist(), rows.tolist()))
-        ends = ctx.seq_lens_upper_bound_np
+        """Token source over the runner's committed token table, on the device (no host sync)."""
+        row_of_slot = np.full(self.core.max_slots, -1, dtype=np.int64)
+        row_of_slot[ctx.idx_mapping_np[rows]] = rows
         all_ids = self.req_states.all_token_ids.gpu
 
-        def tokens(sl: np.ndarray, cached: np.ndarray) -> list:
-            r = np.array([row_of[s] for s in sl.tolist()], dtype=np.int64)
-            end = ends[r].astype(np.int64)
-            width = int((end - cached).max())
-            cols = np.minimum(cached[:, None] + np.arange(width)[None, :], all_ids.shape[1] - 1)
+        def tokens(sl: np.ndarray, cached: np.ndarray) -> tuple:
+            r = row_of_slot[sl]
+            counts = np.maximum(ctx.seq_lens_upper_bound_np[r].astype(np.int64) - cached, 0)
+            starts = np.repeat(np.cumsum(counts) - counts, counts)
+            pos = np.repeat(cached, counts) + np.arange(int(counts.sum())) - starts
             dev = all_ids.device
-            block = all_ids[torch.from_numpy(sl).to(dev)[:, None], torch.from_numpy(cols).to(dev)]
-            # the last position is the token fed this step: take it from the step's inputs
-            last = torch.from_numpy(end - 1 - cached).to(dev)
-            block[torch.arange(len(sl), device=dev), last] = ctx.input_ids[torch.from_numpy(r).to(dev)].to(block.dtype)
-            block = block.cpu().numpy()
-            return [row[: e - c].tolist() for row, e, c in zip(block, end, cached)]
+            ids = all_ids[torch.from_numpy(np.repeat(sl, counts)).to(dev), torch.from_numpy(pos).to(dev)]
+            # the token fed this step (sampled last step) is certain in the step's inputs
+            fed = counts > 0
+            last = torch.from_numpy((np.cumsum(counts) - 1)[fed]).to(dev)
+            ids[last] = ctx.input_ids[torch.from_numpy(r[fed]).to(dev)].to(ids.dtype)
+            return counts, ids
 
         return tokens
 
@@ -186,18 +221,13 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
         if ctx is None:  # V1: logits row i is persistent-batch index i
             rows = np.nonzero(core.guided[: logits.shape[0]])[0]
             return core.apply(logits, rows, rows, self._v1_tokens) if len(rows) else logits
-        slots_by_pos = ctx.idx_mapping_np
-        present = np.zeros(core.max_slots, dtype=bool)
-        present[slots_by_pos] = True
-        # A slot missing from this step is finished or preempted: free its doctor cache; if it
-        # comes back, its streams are rebuilt from the runner's token table.
-        for s in np.nonzero(self._seen & ~present & core.guided)[0]:
-            core.release_streams(int(s))
-        self._seen = present
-        rows = np.nonzero(core.guided[slots_by_pos])[0]
+        if logits.shape[0] != len(ctx.idx_mapping_np):  # rows per draft token: refused at start
+            logger.warning_once("llmdoctor: a step with speculative rows reached the plugin; left unguided")
+            return logits
+        rows = np.nonzero(core.guided[ctx.idx_mapping_np])[0]
         if not len(rows):
             return logits
-        if logits.shape[0] != len(slots_by_pos):  # speculative decoding: rows per draft token
-            logger.warning("llmdoctor: speculative decoding is not supported; this step is unguided")
-            return logits
-        return core.apply(logits, rows, slots_by_pos[rows], self._v2_tokens(ctx, rows))
+        return core.apply(logits, rows, ctx.idx_mapping_np[rows], self._v2_tokens(ctx, rows))
+
+
+LLMDoctor = LLMDoctorLogitsProcessor
