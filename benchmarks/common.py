@@ -75,6 +75,15 @@ def forward_flops_per_token(shape) -> float:
     return 2.0 * (n * per_layer + h * vocab)
 
 
+def save_figure(fig, path) -> None:
+    """Lays out ``fig``, writes it to ``path`` (PNG, 110 dpi) and closes it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

@@ -13,6 +13,8 @@ from llmdoctor_train.toy import pipeline as tp
 from llmdoctor_train.toy import world
 from llmdoctor_train.toy.patient import torch_threads
 
+from benchmarks.common import save_figure
+
 
 def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64) -> dict:
     """What each LoRA doctor learned, adapter on vs off (the delta rule's reference), in transformers.
@@ -169,9 +171,7 @@ def plot(methods: dict, path: Path, x: str, xlabel: str, logx: bool = False) -> 
     ax.set_ylabel("mean held-out task reward (#good - #bad words)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(result: dict, out: Path, name: str, command: str) -> tuple[Path, str]:

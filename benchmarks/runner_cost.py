@@ -29,6 +29,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from benchmarks.common import save_figure
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -211,8 +213,7 @@ def plot(result, path):
     b.set(xscale="log", xlabel="batch size", ylabel="ratio", ylim=(0, 1))
     a.legend(fontsize=7)
     b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

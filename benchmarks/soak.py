@@ -23,6 +23,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchmarks.common import save_figure
+
 BAD_XARGS = [  # (vllm_xargs, the field the 400 must name)
     ({"llmdoctor_beta_nobody": 1.0}, "llmdoctor_beta_nobody"),
     ({"llmdoctor_beta": "strong"}, "llmdoctor_beta"),
@@ -241,9 +243,7 @@ def plot(result: dict, path: Path) -> None:
     b.set(xlabel="round", ylabel="server RSS (MB)", xticks=list(x), title=f"lost {sum(r['lost'] for r in rounds)}, mismatches "
           f"{sum(r['mismatches_vs_offline'] for r in rounds)}")
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None):

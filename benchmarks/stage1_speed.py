@@ -39,7 +39,7 @@ from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engine: starts in seconds
 
-from benchmarks.common import RESULTS  # noqa: E402
+from benchmarks.common import RESULTS, save_figure  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -219,9 +219,7 @@ def plot(result: dict, path: Path) -> None:
     cores = result["settings"]["threads"]
     ax.set_title(f"Stage 1 scoring, {s['sequences']} sequences, {result['patient']['params'] / 1e6:.0f}M patient, "
                  f"{result['machine']['device']}" + (f", {cores} core(s) each" if cores else ""), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 
-from benchmarks.common import RESULTS  # noqa: E402
+from benchmarks.common import RESULTS, save_figure  # noqa: E402
 TARGET = 0.05
 # name -> hidden, layers, heads, kv heads, intermediate, vocab
 SHAPES = {"small": (256, 4, 4, 2, 768, 8192), "qwen2.5-0.5b": (896, 24, 14, 2, 4864, 151936)}
@@ -206,9 +206,7 @@ def plot(result: dict, path: Path) -> None:
     for ax in (a, b):
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     b.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

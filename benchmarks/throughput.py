@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import save_figure
+
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 MODES = ("plain", "guided", "guided_2_doctors", "hf_loop")
@@ -179,8 +181,7 @@ def plot(result, path: Path):
         axes[1].set_ylabel("ms per doctor decode step")
         axes[1].set_title(f"doctor step cost, batch {steps[0]['batch_size']}")
         axes[1].set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path)
 
 
 def hf_loop_worker(job: str) -> None:
