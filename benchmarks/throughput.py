@@ -261,7 +261,8 @@ def main(argv=None):
 
         job = json.dumps({"pair": pair, "batch_sizes": args.batch_sizes, "prompt_len": args.prompt_len,
                           "output_len": args.output_len, "repeats": args.repeats})
-        out = subprocess.run([sys.executable, __file__, "--hf-loop-worker", job], capture_output=True, text=True)
+        out = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--hf-loop-worker", job],
+                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
         rows = [json.loads(x[4:]) for x in out.stdout.splitlines() if x.startswith("ROW ")]
         if not rows:
             raise RuntimeError(out.stderr[-3000:])
