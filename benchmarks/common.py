@@ -114,10 +114,11 @@ def command_line(script: str, argv=None) -> str:
 
 def write_results(name: str, payload: dict, directory: str | Path | None = None, command: str | None = None,
                   indent: int = 2) -> Path:
-    """Writes ``<directory>/<name>.json`` (default ``benchmarks/results``), the command that produced it first."""
+    """Writes ``<directory>/<name>.json`` (default ``benchmarks/results``), the command that produced it first
+    (default: this process's, as ``python -m benchmarks.<script> ARGS``)."""
     directory = Path(directory or RESULTS)
     directory.mkdir(parents=True, exist_ok=True)
-    payload = {"command": command or "python " + shlex.join(sys.argv),
+    payload = {"command": command or command_line(sys.argv[0]),
                "date": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
     path = directory / f"{name}.json"
     path.write_text(json.dumps(payload, indent=indent, default=float) + "\n")

@@ -61,23 +61,34 @@ def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64) ->
                         lp = logp(model, enc)[torch.arange(len(texts)), last].exp()
                     res["slots"][f"{slot}_{tag}"] = {"p_good": float(lp[:, good].sum(1).mean()),
                                                      "p_bad": float(lp[:, bad].sum(1).mean())}
-            shift, target = [], []
-            for r in pairs:
-                total = 0.0
-                for side, sign in (("chosen", 1), ("rejected", -1)):
-                    x = torch.tensor([r["prompt_ids"] + r[f"{side}_ids"]])
-                    n = len(r["prompt_ids"])
-                    for ctx, w in ((None, 1), (model.disable_adapter, -1)):
-                        with ctx() if ctx else contextlib.nullcontext():
-                            lp = logp(model, {"input_ids": x})[0, n - 1:-1].gather(1, x[0, n:, None]).sum()
-                        total += sign * w * float(lp)
-                shift.append(total)
-                target.append(sum(r["chosen_rewards"]) - sum(r["rejected_rewards"]))
+            shift, target = _pair_shifts(model, pairs)
             res["pairs"] = {"logratio_shift": float(np.mean(shift)), "stage1_target": float(np.mean(target)),
                             "pearson": pearson(shift, target), "n": len(shift)}
             out[name] = res
             del model
     return out
+
+
+def _pair_shifts(model, pairs) -> tuple[list[float], list[float]]:
+    """Per pair: the doctor's shift of ``log p(chosen) - log p(rejected)`` (adapter on minus off),
+    and Stage 1's target ``sum r(chosen) - sum r(rejected)``."""
+    import contextlib
+
+    import torch
+
+    shift, target = [], []
+    for r in pairs:
+        total = 0.0
+        for side, sign in (("chosen", 1), ("rejected", -1)):
+            x = torch.tensor([r["prompt_ids"] + r[f"{side}_ids"]])
+            n = len(r["prompt_ids"])
+            for ctx, w in ((None, 1), (model.disable_adapter, -1)):
+                with ctx() if ctx else contextlib.nullcontext():
+                    lp = torch.log_softmax(model(input_ids=x).logits, -1)[0, n - 1:-1].gather(1, x[0, n:, None]).sum()
+                total += sign * w * float(lp)
+        shift.append(total)
+        target.append(sum(r["chosen_rewards"]) - sum(r["rejected_rewards"]))
+    return shift, target
 
 
 def probe_lines(probe: dict) -> list[str]:

@@ -248,22 +248,10 @@ def main(argv=None) -> dict:
     times.update(vtimes)
     diff = max(float(np.abs(g - w).max()) for g, w in zip(got, ref))
 
-    rows = []
-    for name, ts in times.items():
-        sec = statistics.median(ts)
-        rows.append({"scorer": name, "seconds": sec, "seconds_all": ts, "tokens_per_s": n_tokens / sec,
-                     "response_tokens_per_s": n_resp / sec, "sequences_per_s": len(pairs) / sec})
-    tps = {r["scorer"]: r["tokens_per_s"] for r in rows}
-    ratios = {f"{a}_over_{b}": tps[a] / tps[b] for a in ("vllm", "vllm_pipeline")
-              for b in ("hf_reference", "hf_batched") if b in tps}
-    from benchmarks.common import device_name
-
+    rows, ratios = _speeds(times, n_tokens, n_resp, len(pairs))
     cfg = AutoConfig.from_pretrained(patient)
     result = {
-        "machine": {"device": device_name(), "platform": platform.platform(), "torch": torch.__version__,
-                    "hf_torch_threads": hf_threads,
-                    "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"), "cpu_count": os.cpu_count(), "load_average_at_start": load0,
-                    "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "machine": _machine(hf_threads, load0),
         "patient": {"source": args.model or "random-init Qwen2 built here (BPE trained on toy-world text)",
                     "params": _n_params(cfg), "hidden_size": cfg.hidden_size,
                     "layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size, "dtype": "float32"},
@@ -288,6 +276,32 @@ def main(argv=None) -> dict:
     print({k: round(v, 2) for k, v in ratios.items()}, f"max |logp diff| {diff:.1e}")
     print(f"wrote {path} and {path.with_suffix('.png')}")
     return result
+
+
+def _speeds(times: dict, n_tokens: int, n_resp: int, n_seq: int) -> tuple[list[dict], dict]:
+    """One row per scorer (median seconds, tokens/s, ...) and the vLLM-over-transformers ratios."""
+    rows = []
+    for name, ts in times.items():
+        sec = statistics.median(ts)
+        rows.append({"scorer": name, "seconds": sec, "seconds_all": ts, "tokens_per_s": n_tokens / sec,
+                     "response_tokens_per_s": n_resp / sec, "sequences_per_s": n_seq / sec})
+    tps = {r["scorer"]: r["tokens_per_s"] for r in rows}
+    ratios = {f"{a}_over_{b}": tps[a] / tps[b] for a in ("vllm", "vllm_pipeline")
+              for b in ("hf_reference", "hf_batched") if b in tps}
+    return rows, ratios
+
+
+def _machine(hf_threads: int, load0) -> dict:
+    """Where it ran: device, platform, threads, and the load average at the start and now."""
+    import torch
+
+    from benchmarks.common import device_name
+
+    return {"device": device_name(), "platform": platform.platform(), "torch": torch.__version__,
+            "hf_torch_threads": hf_threads,
+            "vllm_cpu_omp_threads_bind": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+            "cpu_count": os.cpu_count(), "load_average_at_start": load0,
+            "load_average_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
 
 
 def _n_params(cfg) -> int:

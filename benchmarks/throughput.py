@@ -204,6 +204,41 @@ def hf_loop_worker(job: str) -> None:
         print("ROW " + json.dumps(row), flush=True)
 
 
+def _run_hf_loop(pair: dict, args) -> list[dict]:
+    """The HF-loop rows, measured in a fresh process: the in-process vLLM engine leaves thread
+    bindings behind that slow plain PyTorch down, which would flatter vLLM."""
+    import json
+    import subprocess
+    import sys
+
+    job = json.dumps({"pair": pair, "batch_sizes": args.batch_sizes, "prompt_len": args.prompt_len,
+                      "output_len": args.output_len, "repeats": args.repeats})
+    out = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--hf-loop-worker", job],
+                         cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+    rows = [json.loads(x[4:]) for x in out.stdout.splitlines() if x.startswith("ROW ")]
+    if not rows:
+        raise RuntimeError(out.stderr[-3000:])
+    return rows
+
+
+def _ratios(rows: list[dict], batch_sizes, limit_ratio: float) -> list[dict]:
+    """Per batch size: each mode's tokens/s over plain's, guided over the HF loop, and guided/plain
+    against the FLOP limit."""
+    by = {(r["mode"], r["batch_size"]): r["output_tokens_per_s"] for r in rows}
+    ratios = []
+    for b in batch_sizes:
+        if ("plain", b) in by:
+            entry = {"batch_size": b}
+            for m in ("guided", "guided_2_doctors", "hf_loop"):
+                if (m, b) in by:
+                    entry[f"{m}_over_plain"] = by[(m, b)] / by[("plain", b)]
+            if ("guided", b) in by and ("hf_loop", b) in by:
+                entry["guided_over_hf_loop"] = by[("guided", b)] / by[("hf_loop", b)]
+            entry["guided_over_plain_vs_limit"] = entry.get("guided_over_plain", 0) / limit_ratio
+            ratios.append(entry)
+    return ratios
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.hf_loop_worker:
@@ -211,8 +246,8 @@ def main(argv=None):
     import torch
     from vllm import LLM
 
-    from benchmarks.common import SHAPES, build_pair, current_rss_mb, device_name, forward_flops_per_token, peak_rss_mb, \
-        write_results
+    from benchmarks.common import SHAPES, build_pair, command_line, current_rss_mb, device_name, \
+        forward_flops_per_token, peak_rss_mb, write_results
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmdoctor-bench-"))
     pair = build_pair(work, args.shapes, n_doctors=2)
@@ -253,38 +288,14 @@ def main(argv=None):
             result["doctor_kv_pool_mb"] = {d.name: d.runner.kv_bytes / 2**20 for d in procs[0].core.doctors}
         del llm
     if "hf_loop" in args.modes:
-        # A fresh process: the in-process vLLM engine leaves thread bindings behind that slow
-        # plain PyTorch down, which would flatter vLLM.
-        import json
-        import subprocess
-        import sys
-
-        job = json.dumps({"pair": pair, "batch_sizes": args.batch_sizes, "prompt_len": args.prompt_len,
-                          "output_len": args.output_len, "repeats": args.repeats})
-        out = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--hf-loop-worker", job],
-                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
-        rows = [json.loads(x[4:]) for x in out.stdout.splitlines() if x.startswith("ROW ")]
-        if not rows:
-            raise RuntimeError(out.stderr[-3000:])
-        for row in rows:
+        for row in _run_hf_loop(pair, args):
             result["rows"].append(row)
             print(row)
-    by = {(r["mode"], r["batch_size"]): r["output_tokens_per_s"] for r in result["rows"]}
-    result["ratios"] = []
-    for b in args.batch_sizes:
-        if ("plain", b) in by:
-            entry = {"batch_size": b}
-            for m in ("guided", "guided_2_doctors", "hf_loop"):
-                if (m, b) in by:
-                    entry[f"{m}_over_plain"] = by[(m, b)] / by[("plain", b)]
-            if ("guided", b) in by and ("hf_loop", b) in by:
-                entry["guided_over_hf_loop"] = by[("guided", b)] / by[("hf_loop", b)]
-            entry["guided_over_plain_vs_limit"] = entry.get("guided_over_plain", 0) / result["limit_ratio"]
-            result["ratios"].append(entry)
+    result["ratios"] = _ratios(result["rows"], args.batch_sizes, result["limit_ratio"])
     if args.step_lengths:
         result["doctor_step_cost"] = doctor_step_cost(pair, args.step_lengths, 8, device,
                                                       torch.float32 if dtype == "float32" else torch.bfloat16)
-    path = write_results(args.output, result, args.output_dir)
+    path = write_results(args.output, result, args.output_dir, command_line(__file__, argv))
     plot(result, path.with_suffix(".png"))
     print(f"wrote {path} and {path.with_suffix('.png')}")
     for r in result["ratios"]:
