@@ -18,12 +18,15 @@ import numpy as np
 
 
 def _owner_of(table) -> object | None:
-    """The object (other than the processor's view) whose attributes hold ``table``."""
+    """The object (other than the processor's view) whose attributes hold ``table``.
+
+    CPython reports an instance as the referrer of its attribute values, or its ``__dict__``
+    once that dict has been materialised; both are looked at.
+    """
     for ref in gc.get_referrers(table):
-        if not isinstance(ref, dict):
-            continue
-        for owner in gc.get_referrers(ref):
-            if getattr(owner, "__dict__", None) is ref and hasattr(owner, "free_indices"):
+        owners = gc.get_referrers(ref) if isinstance(ref, dict) else [ref]
+        for owner in owners:
+            if getattr(owner, "all_token_ids", None) is table and isinstance(getattr(owner, "free_indices", None), list):
                 return owner
     return None
 
@@ -31,7 +34,7 @@ def _owner_of(table) -> object | None:
 def finished_slot_source(req_states) -> Callable[[], np.ndarray] | None:
     """A function returning the slots free in the runner now, or ``None`` if they cannot be seen."""
     state = _owner_of(getattr(req_states, "all_token_ids", None))
-    if state is None or not isinstance(getattr(state, "free_indices", None), list):
+    if state is None:
         return None
 
     def free_slots() -> np.ndarray:
