@@ -160,19 +160,20 @@ class GuidanceCore:
         self.generation[slot] = 0
         self.num_guided -= 1
 
-    def park(self, slot: int, key) -> None:
+    def park(self, slot: int, key, keepalive=None) -> None:
         """Unguides ``slot`` but keeps its doctor caches under ``key`` for :meth:`adopt`.
 
         For a request the scheduler left out of a step: its caches hold its tokens so far, so
         when it comes back (even after preemption: the same tokens) nothing is recomputed. Parked
         caches are freed under memory pressure, after ``PARK_STEPS`` steps, or when no guided
-        request is left.
+        request is left. ``keepalive`` is held while parked (the object ``key`` is the id of, so
+        the id cannot be reused by another request meanwhile).
         """
         held = self.streams[slot].copy(), self.ref_streams[slot].copy()
         self.streams[slot] = self.ref_streams[slot] = -1
         self.remove(slot)
         if (held[0] >= 0).any() or (held[1] >= 0).any():
-            self.parked[key] = (held, self.steps)
+            self.parked[key] = (held, self.steps, keepalive)
 
     def adopt(self, slot: int, key) -> bool:
         """Gives the guided ``slot`` the caches parked under ``key``; whether there were any."""
@@ -184,7 +185,7 @@ class GuidanceCore:
 
     def expire_parked(self) -> None:
         """Frees parked caches older than ``PARK_STEPS`` steps, or all once no request is guided."""
-        old = [k for k, (_, step) in self.parked.items() if not self.num_guided or self.steps - step > PARK_STEPS]
+        old = [k for k, (_, step, _) in self.parked.items() if not self.num_guided or self.steps - step > PARK_STEPS]
         for key in old:
             self.free(self.parked.pop(key)[0])
 
@@ -287,11 +288,12 @@ class GuidanceCore:
             self.alpha_dev.copy_(torch.from_numpy(self.alpha), non_blocking=True)
             self._alpha_dirty = False
         bad = torch.isnan(terms).any(dim=1)
-        terms = terms.masked_fill_(bad[:, None], 0.0)
-        alpha = self.alpha_dev[torch.from_numpy(slots).to(dev)].masked_fill_(bad, 1.0)
         self._watch_nan(bad, slots)
+        alpha = self.alpha_dev[torch.from_numpy(slots).to(dev)]
         rows_t = torch.from_numpy(rows).to(dev)
-        logits[rows_t] = combine(logits[rows_t], alpha, terms, self.valid_vocab).to(logits.dtype)
+        patient = logits[rows_t]
+        guided = combine(patient, alpha, terms, self.valid_vocab).to(logits.dtype)
+        logits[rows_t] = torch.where(bad[:, None], patient, guided)  # a NaN row stays the patient's
         return logits
 
     def _watch_nan(self, bad: torch.Tensor, slots: np.ndarray) -> None:

@@ -136,13 +136,13 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
         for index in batch_update.removed:
             # finished, preempted or only left out of this step: keep its caches for a while
             if core.guided[index]:
-                core.park(index, id(self.outputs[index]))
+                core.park(index, id(self.outputs[index]), keepalive=self.outputs[index])
             self.prompts[index] = self.outputs[index] = None
         for index, params, prompt, output in batch_update.added:
             if core.add(index, params.extra_args):
                 self.prompts[index], self.outputs[index] = prompt or [], output
-                if not core.adopt(index, id(output)):
-                    core.resumed += bool(output)  # a preempted request comes back with its output so far
+                core.adopt(index, id(output))  # its own caches, if it only sat out some steps
+                core.resumed += bool(output)  # a preempted request comes back with its output so far
             else:
                 self.prompts[index] = self.outputs[index] = None
         for a, b, direction in batch_update.moved:
