@@ -82,6 +82,8 @@ class DoctorManifest:
     def read(cls, path: str | os.PathLike) -> "DoctorManifest":
         """Reads and checks ``llmdoctor.json`` of the checkpoint folder ``path``."""
         folder = Path(path)
+        if folder.is_file():
+            raise DoctorCheckpointError(path, "is a file; a doctor checkpoint is the folder save_doctor wrote")
         if not folder.is_dir():
             raise DoctorCheckpointError(path, "no such directory")
         mpath = folder / MANIFEST_NAME
@@ -91,6 +93,8 @@ class DoctorManifest:
             raw = json.loads(mpath.read_text())
         except json.JSONDecodeError as e:
             raise DoctorCheckpointError(path, f"{MANIFEST_NAME} is not valid JSON: {e}") from None
+        if not isinstance(raw, dict):
+            raise DoctorCheckpointError(path, f"{MANIFEST_NAME} must hold a JSON object, got {type(raw).__name__}")
         version = raw.get("format_version")
         if raw.get("format") != "llmdoctor-doctor" or version != FORMAT_VERSION:
             raise DoctorCheckpointError(

@@ -18,9 +18,9 @@ import torch
 
 from vllm.logger import init_logger
 
-from llmdoctor_vllm.checkpoint import load_doctor
+from llmdoctor_vllm.checkpoint import DoctorCheckpointError, load_doctor
 from llmdoctor_vllm.combine import combine
-from llmdoctor_vllm.config import EngineGuidance
+from llmdoctor_vllm.config import EngineGuidance, GuidanceConfigError
 from llmdoctor_vllm.runner import DoctorCacheFull, DoctorRunner
 
 logger = init_logger("vllm.llmdoctor")  # under vLLM's logger tree, so INFO lines print where vLLM's do
@@ -84,17 +84,20 @@ class GuidanceCore:
         for name, path in engine.doctors.items():
             loaded = load_doctor(path, device=self.device, dtype=dtype, patient_tokenizer=tok)
             if engine.rule == "delta" and not (loaded.is_lora or loaded.reference_model is not None):
-                from llmdoctor_vllm.checkpoint import DoctorCheckpointError
-
                 raise DoctorCheckpointError(path, "the delta rule needs a reference, and this full doctor's "
                                                   "manifest names none (set 'reference' or use rule 'product')")
 
             # stream ids for every slot, twice: a request the scheduler left out of a step keeps its
             # cache (parked) while its slot is reused
             streams = 2 * self.max_slots
-            ref = self._runner(loaded.reference_model, budget, streams, max_len, dtype) \
-                if loaded.reference_model is not None else None
-            main = self._runner(loaded.model, budget, 2 * streams if loaded.is_lora else streams, max_len, dtype)
+            try:
+                ref = self._runner(loaded.reference_model, budget, streams, max_len, dtype) \
+                    if loaded.reference_model is not None else None
+                main = self._runner(loaded.model, budget, 2 * streams if loaded.is_lora else streams, max_len, dtype)
+            except GuidanceConfigError:
+                raise
+            except ValueError as e:  # an architecture the runner cannot drive
+                raise DoctorCheckpointError(path, str(e).removeprefix("llmdoctor: ")) from None
             self.doctors.append(_Doctor(name, main, ref, loaded.is_lora))
             logger.info("llmdoctor: doctor %r from %s (%s, KV pool %.1f MiB)", name, path, loaded.manifest.kind,
                         main.kv_bytes / 2**20)
@@ -125,8 +128,6 @@ class GuidanceCore:
             return DoctorRunner(model, device=self.device, dtype=dtype, cache_tokens=budget, max_streams=streams,
                                 max_len=max_len, block_size=e.block_size, max_pass_tokens=e.prefill_chunk_tokens)
         except (RuntimeError, MemoryError) as err:  # torch's OutOfMemoryError is a RuntimeError
-            from llmdoctor_vllm.config import GuidanceConfigError
-
             raise GuidanceConfigError(f"llmdoctor cache_tokens={budget}: cannot allocate the doctor's KV pool on "
                                       f"{self.device} ({err}); lower cache_tokens") from None
 

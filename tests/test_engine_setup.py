@@ -84,6 +84,17 @@ def test_startup_errors_name_the_path_and_problem(tiny, tmp_path):
     other = build_tiny_doctor(other_tok, tmp_path / "other_tok")
     no_ref = build_tiny_doctor(tiny["tokenizer"], tmp_path / "no_ref")
 
+    not_object = tmp_path / "list_manifest"
+    shutil.copytree(good, not_object)
+    (not_object / "llmdoctor.json").write_text("[1, 2]")
+    a_file = tmp_path / "a_file.json"
+    a_file.write_text("{}")
+    sliding = tmp_path / "sliding"  # an architecture the runner does not drive
+    shutil.copytree(good, sliding)
+    config = json.loads((sliding / "config.json").read_text())
+    config.update(use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    (sliding / "config.json").write_text(json.dumps(config))
+
     cases = [
         ({"doctors": {"d": missing}}, "nowhere.*no such directory"),
         ({"doctors": {"d": str(wrong_version)}}, "v99.*unsupported format version 99"),
@@ -91,6 +102,11 @@ def test_startup_errors_name_the_path_and_problem(tiny, tmp_path):
         ({"doctors": {"d": other}}, "other_tok.*not the patient's"),
         ({"doctors": {"d": good}, "betta": 1}, "unknown setting"),
         ({"doctors": {"d": no_ref}, "rule": "delta"}, "no_ref.*delta rule needs a reference"),
+        ({"doctors": {"d": str(not_object)}}, "list_manifest.*must hold a JSON object"),
+        ({"doctors": {"d": str(a_file)}}, "a_file.json.*is a file"),
+        ({"doctors": {"d": str(sliding)}}, "sliding.*sliding-window attention"),
+        ({"doctors": {"d": good}, "block_size": 64, "cache_tokens": 32}, "block_size.*cache_tokens"),
+        ({"doctors": {"d": good}, "cache_tokens": 10**15}, "started"),  # capped at what the engine can use
         ({"doctors": {"d": good}}, "started"),
     ]
     import re
