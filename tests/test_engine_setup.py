@@ -77,10 +77,9 @@ def test_startup_errors_name_the_path_and_problem(tiny, tmp_path):
     (corrupt / "model.safetensors").write_bytes(b"\x00garbage")
 
     # a doctor trained with another tokenizer: same size, different token meanings
-    from llmdoctor_train.toy.models import build_tiny_doctor, build_tokenizer
-    from llmdoctor_train.toy.world import toy_corpus
+    from llmdoctor_train.toy.models import build_tiny_doctor, build_tokenizer, tokenizer_corpus
 
-    other_tok = build_tokenizer(toy_corpus(seed=5)[::-1] + ["zebra quartz"] * 20)
+    other_tok = build_tokenizer(tokenizer_corpus(seed=5)[::-1] + ["zebra quartz"] * 20)
     other = build_tiny_doctor(other_tok, tmp_path / "other_tok")
     no_ref = build_tiny_doctor(tiny["tokenizer"], tmp_path / "no_ref")
 

@@ -1,17 +1,39 @@
 """Tiny local models for tests, the demo and CPU benchmarks: nothing is downloaded.
 
-A byte-level BPE tokenizer is trained on a few KB of the toy world's sentences, and Qwen2-shaped
+A byte-level BPE tokenizer is trained on a few KB of generated sentences, and Qwen2-shaped
 causal LMs (hidden ~64-128) are random-initialised on it and saved with ``save_pretrained``,
 so every consumer goes through the real loading code.
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import torch
 
-from llmdoctor_train.toy.world import BAD_WORDS, GOOD_WORDS, toy_corpus
+# The text the tiny tokenizer of the random-init models is trained on. Not the toy task's
+# vocabulary (llmdoctor_train.toy.world, which the toy patient trains its own tokenizer on):
+# these models never learn words, and the plugin tests size their KV budgets (preemption,
+# cache exhaustion) on how this tokenizer splits their prompts, so the text stays as it is.
+_TOKENIZER_WORDS = (
+    ["the cat", "a dog", "the doctor", "my friend", "the patient", "a small bird", "the teacher", "our team"],
+    ["kindly", "quickly", "carefully", "clearly", "politely", "rarely", "badly", "warmly"],
+    ["sees", "helps", "finds", "likes", "answers", "writes", "reads", "builds", "thanks", "calls"],
+    ["the book", "a letter", "the garden", "a question", "the river", "an answer", "the house", "a song"],
+)
+_TOKENIZER_EXTRA = ["badly", "rarely", "rudely", "poorly", "never", "kindly", "clearly", "politely", "warmly",
+                    "carefully", "thanks", "helps"]
+
+
+def tokenizer_corpus(n_sentences: int = 600, seed: int = 0) -> list[str]:
+    """"{Subject} {adverb} {verb} {object}." sentences: enough text for a BPE with a few hundred merges."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n_sentences):
+        s = " ".join(rng.choice(words) for words in _TOKENIZER_WORDS) + "."
+        out.append(s[0].upper() + s[1:])
+    return out
 
 
 def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
@@ -19,7 +41,7 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    texts = texts or toy_corpus()
+    texts = texts or tokenizer_corpus()
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -29,7 +51,7 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts + list(BAD_WORDS + GOOD_WORDS), trainer=trainer)
+    tok.train_from_iterator(texts + _TOKENIZER_EXTRA, trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>", bos_token="<|endoftext|>"
     )

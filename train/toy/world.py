@@ -144,13 +144,6 @@ def sample_reply(rng: random.Random, subject: str, condition: str = "neutral") -
     return " ".join(out)
 
 
-def toy_corpus(n_sentences: int = 600, seed: int = 0) -> list[str]:
-    """Bare sentences of the world's grammar (any adverb and verb): text for a BPE with a few hundred merges."""
-    rng = random.Random(seed)
-    return [_cap(f"{rng.choice(SUBJECTS)} {rng.choice(ADVERBS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}.")
-            for _ in range(n_sentences)]
-
-
 def toy_world_corpus(n: int = 3000, seed: int = 0, eos: str = "") -> list[dict]:
     """``n`` examples, a third per condition (pos / neg / neutral), as dicts with
     ``condition, instruction, prompt, response, text``; ``text`` is the formatted example + ``eos``."""
