@@ -257,7 +257,7 @@ def main(argv=None) -> dict:
                     "layers": cfg.num_hidden_layers, "vocab_size": cfg.vocab_size, "dtype": "float32"},
         "data": {"rows": len(ds), "sequences": len(pairs), "tokens": n_tokens, "response_tokens": n_resp,
                  "mean_prompt_tokens": (n_tokens - n_resp) / len(pairs), "mean_response_tokens": n_resp / len(pairs),
-                 "source": "toy_world prompts; chosen = positive-mix replies, rejected = negative-mix replies"},
+                 "source": "toy world prompts; chosen = positive-mix replies, rejected = negative-mix replies"},
         "settings": {k: getattr(args, k) for k in ("threads", "repeats", "warmup", "hf_batch_size", "max_model_len", "max_num_seqs",
                                                    "kv_cache_mb", "shard_size")},
         "rows": rows, "ratios": ratios, "max_abs_logprob_diff_vllm_vs_hf": diff,

@@ -206,7 +206,7 @@ def test_load_table_pads_and_refuses():
 
 
 def test_token_table_is_exact_for_the_toy_reward():
-    """On toy_world's tokenizer each good/bad word (with its space) is one token, so the table
+    """On the toy world's tokenizer each good/bad word (with its space) is one token, so the table
     summed over a well-formed reply's tokens is its toy reward."""
     import random
 

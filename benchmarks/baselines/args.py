@@ -7,9 +7,9 @@ scores is ARGS-greedy, sampling them is ARGS-stochastic (vLLM's temperature appl
 The reward model here is a **token-level reward table** ``table[v]``: the increment of an
 additive sequence reward when ``v`` is appended, so ``RM(x, y_<t, v) = table[v]`` for every
 candidate at once (one gather, no extra forward). :func:`token_reward_table` builds it by
-scoring each token's decoded text with a text reward (e.g. ``toy_world.toy_reward``).
+scoring each token's decoded text with a text reward (e.g. ``llmdoctor_train.toy.world.toy_reward``).
 
-Exactness for the toy world (checked on ``toy_world``'s tokenizer: ``build_tokenizer`` on
+Exactness for the toy world (checked on the toy world's tokenizer: ``build_tokenizer`` on
 ``toy_world_corpus(3000)`` with ``vocab_size=1024``, which has 622 tokens): each of the 14
 good/bad words, with its leading space (``"Ġkindly"``, ``"Ġnever"``, ``"Ġignores"`` ...), is one
 token, and no other token's text contains any of them; so the table is +1 on the 7 good-word

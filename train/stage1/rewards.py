@@ -9,7 +9,7 @@ instruction (METHOD.md, Stage 1)::
 
 Everything here is vectorised numpy: one response (:func:`token_rewards`) or many responses
 flattened end to end with offsets (:func:`ragged_token_rewards`), no loop over tokens.
-The pipeline lives in ``rewards_pipeline``, the engine scorers in ``rewards_score``.
+The pipeline lives in ``stage1.pipeline``, the engine scorers in ``stage1.scoring``.
 """
 
 from __future__ import annotations
