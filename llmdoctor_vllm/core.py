@@ -263,7 +263,11 @@ class GuidanceCore:
         that step and unguided once the flags reach the host (next step on a GPU).
         """
         self.steps += 1
-        self._unguide_nan_rows()
+        if self._unguide_nan_rows():
+            keep = self.guided[slots]
+            rows, slots = rows[keep], slots[keep]
+            if not len(rows):
+                return logits
         done: dict = {}  # doctor -> (slots, weighted log-probs) already computed in this step
         for _ in range(len(self.doctors) + 2):  # drop what cannot be served, then retry the rest
             try:
@@ -308,17 +312,21 @@ class GuidanceCore:
         event.record()
         self._pending_nan.append((flags, slots, self.generation[slots].copy(), event))
 
-    def _unguide_nan_rows(self) -> None:
-        """Unguides the requests whose doctor returned NaN in an earlier step, once that is known."""
+    def _unguide_nan_rows(self) -> bool:
+        """Unguides the requests whose doctor returned NaN in an earlier step, once that is known;
+        whether any was."""
+        found = False
         while self._pending_nan:
             flags, slots, gens, event = self._pending_nan[0]
             if event is not None and not event.query():
-                return
+                break
             self._pending_nan.pop(0)
             flags = flags if isinstance(flags, np.ndarray) else flags.numpy()
             hit = slots[flags & (self.generation[slots] == gens)]
             if len(hit):
                 self._unguide(hit, "doctor returned NaN log-probabilities")
+                found = True
+        return found
 
     def _unguide(self, slots: np.ndarray, reason: str) -> None:
         for slot in slots.tolist():

@@ -106,25 +106,6 @@ def test_engine_setting_edges_name_the_key(section, key):
         EngineGuidance.from_additional_config({"llmdoctor": {"doctors": {"d": "/x"}, **section}})
 
 
-def test_speculative_decoding_is_refused(tiny, keep_alive):
-    """An engine that decodes speculatively (n-gram drafts, which vLLM's CPU build runs) refuses a
-    llmdoctor request with a message saying why; plain requests are served."""
-    from vllm import LLM
-
-    cfg = {"llmdoctor": {"doctors": tiny["doctors"], "beta": 0.0}}
-    try:
-        llm = LLM(model=tiny["patient"], additional_config=cfg, **ENGINE_KW,
-                  speculative_config={"method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 2})
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"this vLLM build cannot start an n-gram speculative engine: {e}")
-    keep_alive(llm)
-    from vllm.exceptions import VLLMValidationError
-
-    with pytest.raises((ValueError, VLLMValidationError), match="speculative"):
-        run(llm, PROMPTS[:1], sp(guide={"beta": 1.0}))
-    assert run(llm, PROMPTS[:1], sp())[0][0]
-
-
 def test_engine_checks_at_start(tiny):
     """At start: speculative decoding with doctors, and V1 with async scheduling unless the class is
     named in --logits-processors (vLLM then repairs its -1 placeholders), stop with what to do."""
