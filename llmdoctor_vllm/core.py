@@ -21,7 +21,7 @@ from vllm.logger import init_logger
 from llmdoctor_vllm.checkpoint import DoctorCheckpointError, load_doctor
 from llmdoctor_vllm.combine import combine
 from llmdoctor_vllm.config import EngineGuidance, GuidanceConfigError
-from llmdoctor_vllm.runner import DoctorCacheFull, DoctorRunner
+from llmdoctor_vllm.runner import DoctorCacheFull, DoctorRunner, to_device
 
 logger = init_logger("vllm.llmdoctor")  # under vLLM's logger tree, so INFO lines print where vLLM's do
 
@@ -290,12 +290,12 @@ class GuidanceCore:
             return logits
         dev = logits.device
         if self._alpha_dirty:
-            self.alpha_dev.copy_(torch.from_numpy(self.alpha), non_blocking=True)
+            self.alpha_dev.copy_(to_device(self.alpha, dev), non_blocking=True)
             self._alpha_dirty = False
         bad = torch.isnan(terms).any(dim=1)
         self._watch_nan(bad, slots)
-        alpha = self.alpha_dev[torch.from_numpy(slots).to(dev)]
-        rows_t = torch.from_numpy(rows).to(dev)
+        alpha = self.alpha_dev[to_device(slots, dev)]
+        rows_t = to_device(rows, dev)
         patient = logits[rows_t]
         guided = combine(patient, alpha, terms, self.valid_vocab).to(logits.dtype)
         logits[rows_t] = torch.where(bad[:, None], patient, guided)  # a NaN row stays the patient's
@@ -352,11 +352,11 @@ class GuidanceCore:
                 lp = prev_lp[torch.tensor([where[s] for s in sl.tolist()], device=prev_lp.device)]
             else:
                 lp = self._doctor_step(d, doc, sl, new_tokens)
-                lp.mul_(torch.from_numpy(beta[use]).to(lp.device)[:, None])
+                lp.mul_(to_device(beta[use], lp.device)[:, None])
                 done[d] = (sl, lp)
             if total is None:
                 total = torch.zeros((len(slots), lp.shape[1]), device=lp.device, dtype=torch.float32)
-            total[torch.from_numpy(use).to(lp.device)] += lp
+            total[to_device(use, lp.device)] += lp
         return total
 
     def _doctor_step(self, d: int, doc: _Doctor, sl: np.ndarray, new_tokens: TokenSource) -> torch.Tensor:
@@ -383,7 +383,7 @@ class GuidanceCore:
         except Exception as e:  # noqa: BLE001
             raise _DoctorFault(d, e) from e
         if ref_lp is not None:
-            lp[torch.from_numpy(ref_rows).to(lp.device)] -= ref_lp
+            lp[to_device(ref_rows, lp.device)] -= ref_lp
         return lp
 
     def _open_streams(self, slots: np.ndarray, d: int, doc: _Doctor) -> None:

@@ -22,6 +22,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
 
 from llmdoctor_vllm.config import EngineGuidance, GuidanceConfigError
 from llmdoctor_vllm.frontend import check_request, engine_config_of_caller
+from llmdoctor_vllm.runner import to_device
 from llmdoctor_vllm.slots import finished_slot_source
 
 logger = init_logger("vllm.llmdoctor")
@@ -204,11 +205,11 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
             starts = np.repeat(np.cumsum(counts) - counts, counts)
             pos = np.repeat(cached, counts) + np.arange(int(counts.sum())) - starts
             dev = all_ids.device
-            ids = all_ids[torch.from_numpy(np.repeat(sl, counts)).to(dev), torch.from_numpy(pos).to(dev)]
+            ids = all_ids[to_device(np.repeat(sl, counts), dev), to_device(pos, dev)]
             # the token fed this step (sampled last step) is certain in the step's inputs
             fed = counts > 0
-            last = torch.from_numpy((np.cumsum(counts) - 1)[fed]).to(dev)
-            ids[last] = ctx.input_ids[torch.from_numpy(r[fed]).to(dev)].to(ids.dtype)
+            last = to_device((np.cumsum(counts) - 1)[fed], dev)
+            ids[last] = ctx.input_ids[to_device(r[fed], dev)].to(ids.dtype)
             return counts, ids
 
         return tokens

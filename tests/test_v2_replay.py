@@ -155,8 +155,10 @@ def test_replayed_runner_equals_the_v1_engine(replay, engine, tiny):
             held = rp.proc.core.streams[sat_out.slot].copy()
         if 6 <= step < 12:  # two pipeline micro-batches: the last stage sees them in turn
             batch = batch[step % 2::2] or batch
-        if step == 9 and not preempted:  # preempt the last running request; it comes back later
-            victim = running.pop()
+        decoding = [r for r in running if r.params.extra_args and len(r.out) >= 3]
+        if not preempted and decoding:  # preempt a guided request mid-reply; it comes back with its output
+            victim = decoding[-1]
+            running.remove(victim)
             rp.free(victim)
             waiting.insert(0, victim)
             batch = [r for r in batch if r is not victim]
