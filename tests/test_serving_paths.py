@@ -147,13 +147,7 @@ def test_placeholder_tokens_are_never_fed(tiny):
     import torch
     from vllm.v1.sample.logits_processor.interface import BatchUpdate
 
-    from llmdoctor_vllm.processor import LLMDoctorLogitsProcessor
-
-    from vllm.engine.arg_utils import EngineArgs
-
-    cfg = EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=True,
-                     additional_config={"llmdoctor": {"doctors": tiny["doctors"]}}).create_engine_config()
-    proc = LLMDoctorLogitsProcessor(cfg, torch.device("cpu"), False)
+    proc = _v1_processor(tiny)
     assert proc.core is not None
     ids = tiny["tokenizer"](PROMPTS[0])["input_ids"]
     params = [sp(guide={"beta": 1.0}), sp(guide={"beta": 1.0})]
@@ -180,3 +174,63 @@ def test_plugin_logs_under_vllm(engine):
     """The plugin's INFO lines go through vLLM's logger tree, so they print where vLLM's do."""
     log = logging.getLogger("vllm.llmdoctor")
     assert log.name.startswith("vllm.") and log.isEnabledFor(logging.INFO) and log.hasHandlers()
+
+
+def _v1_processor(tiny):
+    import torch
+    from vllm.engine.arg_utils import EngineArgs
+
+    from llmdoctor_vllm.processor import LLMDoctorLogitsProcessor
+
+    cfg = EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=True,
+                     additional_config={"llmdoctor": {"doctors": tiny["doctors"]}}).create_engine_config()
+    return LLMDoctorLogitsProcessor(cfg, torch.device("cpu"), False)
+
+
+def test_v1_request_sitting_out_keeps_its_doctor_cache(tiny):
+    """Under V1 a request the scheduler leaves out of a step is removed from the batch and added
+    back later: its doctor caches are kept meanwhile and picked up, not rebuilt; once no guided
+    request is left, kept caches are freed."""
+    import torch
+    from vllm.v1.sample.logits_processor.interface import BatchUpdate
+
+    proc = _v1_processor(tiny)
+    ids = tiny["tokenizer"](PROMPTS[0])["input_ids"]
+    params, output = sp(guide={"beta": 1.0, "doctors": "doctor0"}), []
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], added=[(0, params, ids, output)], moved=[]))
+    proc.apply(torch.randn(1, 384))
+    stream = int(proc.core.streams[0, 0])
+    cached = int(proc.core.doctors[0].runner.lengths[stream])
+    assert cached == len(ids)
+    output.append(7)
+    proc.update_state(BatchUpdate(batch_size=0, removed=[0], added=[], moved=[]))  # sits out
+    assert proc.core.parked == {} and proc.core.occupancy()["doctor0"]["streams"] == 0  # nothing guided: freed
+    # with another guided request alive, the parked cache survives and is picked up on return
+    other = sp(guide={"beta": 1.0, "doctors": "doctor0"})
+    proc.update_state(BatchUpdate(batch_size=1, removed=[], added=[(1, other, ids, [])], moved=[]))
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[(0, params, ids, output)], moved=[]))
+    proc.apply(torch.randn(2, 384))
+    proc.update_state(BatchUpdate(batch_size=2, removed=[0], added=[], moved=[]))
+    assert len(proc.core.parked) == 1
+    held = int(next(iter(proc.core.parked.values()))[0][0][0])
+    output.append(9)
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[(0, params, ids, output)], moved=[]))
+    assert int(proc.core.streams[0, 0]) == held and not proc.core.parked
+    runner = proc.core.doctors[0].runner
+    before = int(runner.lengths[held])
+    proc.apply(torch.randn(2, 384))
+    assert int(runner.lengths[held]) == before + 1  # only the new token was fed
+    proc.update_state(BatchUpdate(batch_size=0, removed=[0, 1], added=[], moved=[]))
+    assert proc.core.num_guided == 0 and proc.core.occupancy()["doctor0"] == {"streams": 0, "blocks": 0}
+
+
+def test_only_the_last_pipeline_stage_loads_doctors(tiny, monkeypatch):
+    """Under pipeline parallelism every stage builds the processor; only the last one samples."""
+    from types import SimpleNamespace
+
+    import vllm.distributed
+
+    monkeypatch.setattr(vllm.distributed, "get_pp_group", lambda: SimpleNamespace(is_last_rank=False))
+    assert _v1_processor(tiny).core is None
+    monkeypatch.setattr(vllm.distributed, "get_pp_group", lambda: SimpleNamespace(is_last_rank=True))
+    assert _v1_processor(tiny).core is not None
