@@ -23,7 +23,8 @@ import numpy as np
 CONFIG_KEY = "llmdoctor"
 PREFIX = "llmdoctor_"
 RULES = ("product", "delta")
-_ENGINE_KEYS = {"doctors", "alpha", "beta", "rule", "cache_tokens", "block_size", "dtype", "prefill_chunk_tokens"}
+_ENGINE_KEYS = {"doctors", "alpha", "beta", "rule", "cache_tokens", "block_size", "dtype", "prefill_chunk_tokens",
+                "cuda_graphs"}
 
 
 class GuidanceConfigError(ValueError):
@@ -62,6 +63,7 @@ class EngineGuidance:
     block_size: int = 16
     dtype: str | None = None  # doctor dtype; default: the engine's
     prefill_chunk_tokens: int = 2048  # most tokens in one doctor forward (a longer prompt takes several)
+    cuda_graphs: bool = False  # decode-only doctor steps captured as CUDA graphs (off until shown on a GPU)
 
     @property
     def names(self) -> list[str]:
@@ -122,13 +124,16 @@ class EngineGuidance:
             chunk = raw.get("prefill_chunk_tokens", 2048)
             if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
                 raise ValueError(f"llmdoctor prefill_chunk_tokens must be a positive integer, got {chunk!r}")
+            graphs = raw.get("cuda_graphs", False)
+            if not isinstance(graphs, bool):
+                raise ValueError(f"llmdoctor cuda_graphs must be true or false, got {graphs!r}")
             dtype = raw.get("dtype")
             if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
                 raise ValueError(f"llmdoctor dtype must be float32, float16 or bfloat16, got {dtype!r}")
         except ValueError as e:
             raise GuidanceConfigError(str(e)) from None
         return cls(doctors=dict(doctors), alpha=alpha, beta=beta, rule=rule, cache_tokens=cache_tokens,
-                   block_size=block_size, dtype=dtype, prefill_chunk_tokens=chunk)
+                   block_size=block_size, dtype=dtype, prefill_chunk_tokens=chunk, cuda_graphs=graphs)
 
     def request(self, extra_args: dict | None) -> "RequestGuidance | None":
         """This engine's guidance for one request; ``None`` when it is not guided.

@@ -125,8 +125,14 @@ class GuidanceCore:
     def _runner(self, model, budget: int, streams: int, max_len: int, dtype) -> DoctorRunner:
         e = self.engine
         try:
-            return DoctorRunner(model, device=self.device, dtype=dtype, cache_tokens=budget, max_streams=streams,
-                                max_len=max_len, block_size=e.block_size, max_pass_tokens=e.prefill_chunk_tokens)
+            runner = DoctorRunner(model, device=self.device, dtype=dtype, cache_tokens=budget, max_streams=streams,
+                                  max_len=max_len, block_size=e.block_size, max_pass_tokens=e.prefill_chunk_tokens)
+            if e.cuda_graphs and self.device.type == "cuda":
+                runner.enable_static_decode(max_batch=streams, capture=True)
+            elif e.cuda_graphs:
+                logger.warning_once("llmdoctor: cuda_graphs is set but the doctor runs on %s; it runs eagerly",
+                                    self.device)
+            return runner
         except (RuntimeError, MemoryError) as err:  # torch's OutOfMemoryError is a RuntimeError
             raise GuidanceConfigError(f"llmdoctor cache_tokens={budget}: cannot allocate the doctor's KV pool on "
                                       f"{self.device} ({err}); lower cache_tokens") from None

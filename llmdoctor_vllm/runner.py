@@ -107,6 +107,17 @@ def _fuse(mods: list) -> tuple[torch.Tensor, torch.Tensor | None]:
     return weight, bias
 
 
+def _lora_name(module) -> str:
+    """The one active plain-LoRA adapter of a peft layer (what running it on and off per row needs)."""
+    active = module.active_adapters
+    name = active[0] if len(active) == 1 else None
+    if (name is None or name not in module.lora_A or name in getattr(module, "lora_variant", {})
+            or module.merged or module.disable_adapters):
+        raise ValueError("llmdoctor: the delta rule runs a LoRA doctor with its adapter on and off in one batch, "
+                         f"which needs plain LoRA layers (one active adapter, no DoRA, not merged): {module!r}")
+    return name
+
+
 def _linear(module, x, on_rows):
     """Calls a (possibly LoRA-wrapped) linear layer; with ``on_rows`` (row indices of ``x``), the
     adapter applies to those rows only and the others run the base weights (the delta rule's
@@ -115,12 +126,7 @@ def _linear(module, x, on_rows):
     """
     if on_rows is None or not hasattr(module, "lora_A"):
         return module(x)
-    active = module.active_adapters
-    name = active[0] if len(active) == 1 else None
-    if (name is None or name not in module.lora_A or name in getattr(module, "lora_variant", {})
-            or module.merged or module.disable_adapters):
-        raise ValueError("llmdoctor: the delta rule runs a LoRA doctor with its adapter on and off in one batch, "
-                         f"which needs plain LoRA layers (one active adapter, no DoRA, not merged): {module!r}")
+    name = _lora_name(module)
     out = module.base_layer(x)
     lora_a = module.lora_A[name]
     xa = module.lora_dropout[name](x.index_select(0, on_rows).to(lora_a.weight.dtype))
@@ -171,7 +177,9 @@ class DoctorRunner:
         self.budget_tokens = self.num_blocks * block_size
         self.max_pass_tokens, self.q_tile, self.score_budget = max_pass_tokens, q_tile, score_budget
         nl, kvh, hd = len(self.dec.layers), self.dec.num_kv_heads, self.dec.head_dim
-        self.kv = torch.zeros((nl, 2, self.budget_tokens, kvh, hd), device=self.device, dtype=dtype)
+        # the pool, plus one spare row that padded rows of a static step write to and read
+        self.kv = torch.zeros((nl, 2, self.budget_tokens + 1, kvh, hd), device=self.device, dtype=dtype)
+        self.spare_row = self.budget_tokens
         self.max_blocks_per_stream = -(-max_len // block_size)
         self.block_table = np.zeros((max_streams, self.max_blocks_per_stream), dtype=np.int64)
         self.num_stream_blocks = np.zeros(max_streams, dtype=np.int64)
@@ -187,6 +195,14 @@ class DoctorRunner:
             cos, sin = self.dec.rotary(probe, torch.arange(max_len, device=self.device)[None])
         self.cos, self.sin = cos[0], sin[0]
         self.key_bucket = _CUDA_KEY_BUCKET if self.device.type == "cuda" else 1
+        self.static = None  # decode-only steps in static buckets (see enable_static_decode)
+
+    def enable_static_decode(self, *, max_batch: int, capture: bool, key_start: int = 256) -> None:
+        """Runs decode-only steps over static padded buffers (captured as CUDA graphs if ``capture``
+        and on CUDA); other steps stay eager. See :mod:`llmdoctor_vllm.decode_graphs`."""
+        from llmdoctor_vllm.decode_graphs import StaticDecode
+
+        self.static = StaticDecode(self, max_batch=max_batch, capture=capture, key_start=key_start)
 
     @property
     def kv_bytes(self) -> int:
@@ -241,6 +257,13 @@ class DoctorRunner:
         cached = self.lengths[sids]
         totals = cached + counts
         self._reserve(sids, totals)
+        lora_off = adapter_off if self.dec.lora and adapter_off is not None and adapter_off.any() else None
+        if self.static is not None and len(sids) and (counts == 1).all():
+            key = self.static.bucket(len(sids), int(totals.max()))
+            if key is not None:
+                out = self.static.step(sids, ids, totals, lora_off, key)
+                self.lengths[sids] = totals
+                return out
         dev = self.device
         plan = plan_step(counts, cached, self.block_table[sids], self.block_size, max_pass_tokens=self.max_pass_tokens,
                          q_tile=self.q_tile, score_budget=self.score_budget, num_heads=self.dec.num_heads,
@@ -248,7 +271,6 @@ class DoctorRunner:
         if len(plan.src):
             ids = torch.as_tensor(ids).to(dev, non_blocking=True)
             ids = ids[to_device(plan.src, dev)].long()
-        lora_off = adapter_off if self.dec.lora and adapter_off is not None and adapter_off.any() else None
         for p in plan.passes:
             tok_on = None if lora_off is None else np.flatnonzero(~lora_off[plan.stream[p.start:p.end]])
             h = self._forward_pass(p, ids[p.start:p.end], plan.pos[p.start:p.end], plan.write[p.start:p.end],

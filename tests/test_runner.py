@@ -160,3 +160,49 @@ def test_long_prompt_next_to_decodes_runs_in_bounded_shapes():
     first = plan.passes[0]
     decode = [g for g in first.groups if g.q_index.shape[1] == 1]
     assert sum(len(g.q_index) for g in decode) == 32 and max(g.read.shape[1] for g in decode) == 2049
+
+
+def _static_matches_packed(model, off=None, streams=5):
+    """Steps the same streams through a packed runner and a static-bucket one; compares every step."""
+    kw = dict(device="cpu", dtype=torch.float32, cache_tokens=2048, max_streams=8, max_len=200, block_size=8)
+    packed, static = DoctorRunner(model, **kw), DoctorRunner(model, **kw)
+    static.enable_static_decode(max_batch=8, capture=False, key_start=8)
+    rng = np.random.default_rng(3)
+    live: list[tuple[int, int, list]] = []  # (packed sid, static sid, tokens so far)
+    # (streams joining with a prompt, streams leaving) per step; decode-only steps in between
+    events = {0: (1, 0), 3: (1, 0), 6: (2, 0), 9: (1, 0), 13: (0, 4), 17: (3, 0), 21: (0, 2)}
+    for step in range(26):
+        join, leave = events.get(step, (0, 0))
+        for a, b, _ in live[:leave]:
+            packed.free_stream(a)
+            static.free_stream(b)
+        live = live[leave:] + [(packed.new_stream(), static.new_stream(), []) for _ in range(join)]
+        new = [rng.integers(0, 96, size=(int(rng.integers(2, 12)) if not h else 1)).tolist() for _, _, h in live]
+        rows_off = None if off is None else np.array([i % 2 == 1 for i in range(len(live))])
+        want = packed.step(np.array([a for a, _, _ in live]), new, adapter_off=rows_off)
+        got = static.step(np.array([b for _, b, _ in live]), new, adapter_off=rows_off)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+        assert (got.argmax(-1) == want.argmax(-1)).all()
+        live = [(a, b, h + t) for (a, b, h), t in zip(live, new)]
+    return static
+
+
+def test_static_decode_equals_the_packed_step(doctor):
+    """Decode-only steps over static padded buckets (batch 1/2/4/8, keys 8...256) give the packed
+    step's log-probs: streams joining (their prefill stays eager) and leaving, bucket edges crossed."""
+    static = _static_matches_packed(doctor)
+    batches = {b for b, _ in static.static.buffers}
+    keys = {k for _, k in static.static.buffers}
+    assert len(batches) >= 3 and len(keys) >= 3, static.static.buffers.keys()
+
+
+def test_static_decode_with_adapter_off_rows(doctor):
+    """A LoRA doctor's adapter-off rows (the delta rule's reference) in the same static step."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(2)
+    lora = get_peft_model(copy.deepcopy(doctor), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                            target_modules="all-linear")).eval()
+    assert _static_matches_packed(lora, off=True).static.buffers
