@@ -42,6 +42,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=16, help="rank of the LoRA doctor for the delta-rule row")
     p.add_argument("--bandwidth-gbs", type=float, default=None, help="device memory bandwidth, for the floor")
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--doctor-cuda-graphs", action="store_true",
+                   help="decode steps of the doctor over static buckets, captured as CUDA graphs on a GPU "
+                        "(the plugin's cuda_graphs setting; never run on a GPU yet)")
     p.add_argument("--output", default="runner_cost", help="results name (a .json and a .png)")
     p.add_argument("--output-dir", default=None, help="where the results go (default: benchmarks/results)")
     return p.parse_args(argv)
@@ -112,7 +115,7 @@ def patient_step(model, B, L, repeats, sync):
         return timed(fn, repeats, sync), kernel_ms(fn, sync)
 
 
-def doctor_step(model, B, L, repeats, sync, device, dtype, delta=False):
+def doctor_step(model, B, L, repeats, sync, device, dtype, delta=False, graphs=False):
     """Seconds per DoctorRunner step for B requests (2B streams under the delta rule) holding L tokens."""
     import numpy as np
 
@@ -121,6 +124,8 @@ def doctor_step(model, B, L, repeats, sync, device, dtype, delta=False):
     streams = 2 * B if delta else B
     r = DoctorRunner(model, device=device, dtype=dtype, cache_tokens=streams * (L + 64) + 64 * 16,
                      max_streams=streams, max_len=L + 64)
+    if graphs:
+        r.enable_static_decode(max_batch=streams, capture=str(device).startswith("cuda"))
     sids = np.array([r.new_stream() for _ in range(streams)])
     off = np.arange(streams) >= B if delta else None
     rng = np.random.default_rng(0)
@@ -157,7 +162,7 @@ def main(argv=None):
     d_bytes = sum(p.numel() * p.element_size() for p in doctor.parameters())
     for row in rows:
         wall, kern = doctor_step(doctor, row["batch_size"], row["cached_tokens"], args.repeats, sync, args.device,
-                                 dtype)
+                                 dtype, graphs=args.doctor_cuda_graphs)
         row["doctor_step_ms"], row["doctor_kernel_ms"] = 1000 * wall, kern
     try:
         from peft import LoraConfig, get_peft_model
@@ -171,7 +176,7 @@ def main(argv=None):
         row["est_ratio"] = p / (p + d)
         if lora is not None:
             wall, kern = doctor_step(lora, row["batch_size"], row["cached_tokens"], args.repeats, sync,
-                                     args.device, dtype, delta=True)
+                                     args.device, dtype, delta=True, graphs=args.doctor_cuda_graphs)
             row["doctor_delta_ms"], row["doctor_delta_kernel_ms"] = 1000 * wall, kern
             row["est_ratio_delta"] = p / (p + row["doctor_delta_ms"])
         if row["patient_kernel_ms"] and row["doctor_kernel_ms"]:  # both without launch overhead
@@ -186,7 +191,8 @@ def main(argv=None):
     result = {"host_us_per_tiny_op": launch_us, "device": device_name() if args.device.startswith("cuda") else "cpu", "shapes": args.shapes,
               "dtype": args.dtype, "patient_gb": p_bytes / 1e9, "doctor_gb": d_bytes / 1e9, "limit_ratio": limit,
               "note": "random-init weights; patient timed in transformers (eager), doctor with DoctorRunner (eager)",
-              "rows": rows}
+              "doctor_cuda_graphs": bool(args.doctor_cuda_graphs and args.device.startswith("cuda")),
+              "patient_cuda_graphs": False, "rows": rows}
     path = write_results(args.output, result, args.output_dir)
     plot(result, path.with_suffix(".png"))
     print("wrote", path)
