@@ -188,6 +188,7 @@ def run_train(argv) -> str:
     except ResumeCheckpointError as e:
         raise SystemExit(str(e)) from None
     trainer.save_model(script.output)
+    trainer.create_model_card(script.output, dataset_name=script.rewards)
     last = next((h for h in reversed(trainer.state.log_history) if "loss" in h or "train_loss" in h), {})
     summary = ", ".join(f"{k}={v:.4g}" for k, v in last.items() if isinstance(v, float))
     print(f"llmdoctor train: wrote doctor to {script.output} after {trainer.state.global_step} steps ({summary})")

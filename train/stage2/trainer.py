@@ -262,10 +262,10 @@ class TFPOTrainer(Trainer):
         return super().create_scheduler(num_training_steps, optimizer)
 
     def create_model_card(self, output_dir: str | None = None, dataset_name: str | None = None) -> None:
-        """Writes ``README.md`` into the checkpoint folder: TRL's model card, plus how to serve the doctor."""
+        """Writes ``README.md`` into the checkpoint folder: a model card saying what the doctor is and how to serve it."""
         if self.is_world_process_zero():
             write_model_card(output_dir or self.args.output_dir, self.args, base_model=self.base_model_path,
-                             dataset_name=dataset_name, hub_model_id=self.args.hub_model_id)
+                             global_step=self.state.global_step, dataset_name=dataset_name)
 
     # ---- saving and resuming ----
 
