@@ -10,7 +10,12 @@ with gradient checkpointing so the layers' activations do not hide the logits' s
 Each (mode, batch) runs in a fresh process: the step's peak is the rise of the peak resident
 memory over one ``Trainer`` step (forward, backward, optimizer), reset through
 ``/proc/self/clear_refs`` at the step's start (on CUDA: ``torch.cuda.max_memory_allocated``).
-A batch whose estimated need exceeds the memory free now is skipped, not run, and recorded so.
+A batch whose estimated need exceeds the memory free now is skipped, not run, and recorded so
+(with a straight-line extrapolation from the measured batches). Beside each step, the log-prob
+computation alone (forward and backward over given logits) is measured the same way.
+``--layers`` fewer than 24 keeps the step quick on a small CPU: with gradient checkpointing a
+layer keeps only its input, 3.5 KiB per token (0.7 GiB for 24 layers at batch 4, L = 1024), against
+1.2 GiB of float32 logits per row, so the logits' share is the same either way.
 
     python -m benchmarks.tfpo_memory                          # batch 4 (4 pairs = 8 rows), L = 1024
     python -m benchmarks.tfpo_memory --batch-sizes 1 2        # what a 24 GiB shared box can hold
@@ -41,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--modes", nargs="+", default=["before", "after"], choices=["before", "after"])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--output-dir", default=None, help="where to write tfpo_memory.json/.png (benchmarks/results)")
-    p.add_argument("--one", nargs=2, metavar=("MODE", "BATCH"), help=argparse.SUPPRESS)  # a child's measurement
+    p.add_argument("--one", nargs=3, metavar=("PART", "MODE", "BATCH"), help=argparse.SUPPRESS)  # in a child
     return p.parse_args(argv)
 
 
@@ -139,6 +144,41 @@ def measure(args, mode: str, batch: int) -> dict:
             "logits_f32_mib": 2 * batch * (args.prompt_len + args.length) * args.vocab_size * 4 / 2**20}
 
 
+def measure_logprobs(args, mode: str, batch: int) -> dict:
+    """The log-prob computation alone, forward and backward, over given float32 logits (MiB above them)."""
+    import gc
+
+    import torch
+    from trl.trainer.utils import selective_log_softmax
+
+    n, t = 2 * batch, args.prompt_len + args.length
+    logits = torch.randn(n, t, args.vocab_size, requires_grad=True, device=args.device)
+    ids = torch.randint(0, args.vocab_size, (n, t), device=args.device)
+    gc.collect()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _rss_kb("VmRSS") * 1024
+    if mode == "before":  # the old path's operations, all positions as responses
+        pos = torch.arange(t - 1, device=ids.device)[None].expand(n, -1)
+        tok = logits[torch.arange(n, device=ids.device)[:, None], pos].float()
+        logp = tok.gather(-1, ids[:, 1:, None]).squeeze(-1) - tok.logsumexp(-1)
+    else:
+        logp = selective_log_softmax(logits[:, :-1], ids[:, 1:])
+    logp.sum().backward()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = _rss_kb("VmHWM") * 1024 - base
+    return {"mode": mode, "batch_pairs": batch, "rows": n, "peak_mib": peak / 2**20,
+            "logits_f32_mib": logits.numel() * 4 / 2**20}
+
+
 def estimated_gib(args, mode: str, batch: int) -> float:
     """A rough need (GiB): the set-up plus logits-sized tensors (measured: about 3 live at the peak
     after, 4 before; a margin on top)."""
@@ -177,17 +217,24 @@ def run_all(args, argv) -> list[dict]:
                 rows.append({"mode": mode, "batch_pairs": batch, "skipped": f"needs ~{need:.1f} GiB, {free:.1f} free"})
                 print(rows[-1], flush=True)
                 continue
-            env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed blocks leave the resident set
-            out = subprocess.run([sys.executable, "-m", "benchmarks.tfpo_memory", *argv, "--one", mode, str(batch)],
-                                 capture_output=True, text=True, env=env)
-            if out.returncode:
-                raise RuntimeError(f"{mode} batch {batch} failed:\n{out.stderr[-3000:]}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            row = _child(argv, "step", mode, batch)
+            if need < 0.8 * free:  # the log-prob part alone: the step's logits-sized share, isolated
+                row["logprobs_only"] = _child(argv, "logprobs", mode, batch)
+            rows.append(row)
             print(rows[-1], flush=True)
     return rows
 
 
-def plot(rows, path) -> None:
+def _child(argv, part: str, mode: str, batch: int) -> dict:
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}  # freed blocks leave the resident set
+    out = subprocess.run([sys.executable, "-m", "benchmarks.tfpo_memory", *argv, "--one", part, mode, str(batch)],
+                         capture_output=True, text=True, env=env)
+    if out.returncode:
+        raise RuntimeError(f"{part} {mode} batch {batch} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def plot(rows, path, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -199,10 +246,14 @@ def plot(rows, path) -> None:
     for mode, color in (("before", "#c55"), ("after", "#3a7")):
         pts = [(r["batch_pairs"], r["peak_mib"] / 1024) for r in rows if r["mode"] == mode and "peak_mib" in r]
         if pts:
-            ax.plot(*zip(*pts), "o-", color=color, label=f"{mode} selective_log_softmax")
+            ax.plot(*zip(*pts), "o-", color=color, label=f"step, {mode} selective_log_softmax")
+        part = [(r["batch_pairs"], r["logprobs_only"]["peak_mib"] / 1024) for r in rows
+                if r["mode"] == mode and "logprobs_only" in r]
+        if part:
+            ax.plot(*zip(*part), "s--", color=color, alpha=0.6, label=f"log-probs alone, {mode}")
     ax.set_xlabel("batch (preference pairs; rows = 2x)")
     ax.set_ylabel("peak step memory above set-up (GiB)")
-    ax.set_title("TFPO step, Qwen2.5-0.5B-shaped doctor, L = 1024", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     save_figure(fig, path)
 
@@ -210,7 +261,8 @@ def plot(rows, path) -> None:
 def main(argv=None):
     args = parse_args(argv)
     if args.one:
-        print(json.dumps(measure(args, args.one[0], int(args.one[1]))))
+        part, mode, batch = args.one
+        print(json.dumps((measure if part == "step" else measure_logprobs)(args, mode, int(batch))))
         return None
     from benchmarks.common import device_name, write_results
 
@@ -230,7 +282,8 @@ def main(argv=None):
     if skipped:
         payload["extrapolated"] = {b: extrapolated(rows, b) for b in skipped}
     path = write_results("tfpo_memory", payload, args.output_dir)
-    plot(rows, path.with_suffix(".png"))
+    plot(rows, path.with_suffix(".png"), f"TFPO step, Qwen2.5-0.5B-shaped doctor ({args.layers} layers), "
+                                         f"L = {args.length}, {payload['device']}")
     print(f"before/after peak: {ratios}; wrote {path}")
     return payload
 
