@@ -130,6 +130,18 @@ class DoctorManifest:
         return str(p if p.is_absolute() else (Path(folder) / p).resolve())
 
 
+def _reloaded_tokenizer(folder: Path, tokenizer):
+    """The tokenizer as it loads back from ``folder``, as a patient's loads from its own: loading can add
+    tokens (a tokenizer saved beside a Qwen2 config reloads with an added unk), and the fingerprint must
+    match the reloaded patient's. Falls back to ``tokenizer`` if the folder's does not load."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception:  # noqa: BLE001 - e.g. a tokenizer class that needs a file not written
+        return tokenizer
+
+
 def save_doctor(
     path: str | os.PathLike,
     model,
@@ -163,6 +175,7 @@ def save_doctor(
         config = model.config
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    saved = _reloaded_tokenizer(folder, tokenizer)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in value_head.state_dict().items()}
     save_file(state, str(folder / VALUE_HEAD_NAME))
     out_emb = (model.get_base_model() if is_lora else model).get_output_embeddings()
@@ -170,8 +183,8 @@ def save_doctor(
         kind="lora" if is_lora else "full",
         hidden_size=value_head.hidden_size,
         value_head_inner_size=value_head.inner_size,
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        tokenizer_size=len(tokenizer),
+        tokenizer_fingerprint=tokenizer_fingerprint(saved),
+        tokenizer_size=len(saved),
         vocab_width=int(out_emb.weight.shape[0]) if out_emb is not None else int(config.vocab_size),
         base_model=base_model,
         reference=reference,

@@ -187,14 +187,16 @@ def test_length_limit_leaves_one_position_for_the_sampled_token(llm, tok):
     from datasets import Dataset
 
     from llmdoctor_train.stage1.scoring import plan_shards
+    from llmdoctor_train.stage1.tokens import tokenize_preferences
 
     f = PromptFormatter(tok)
     ds = Dataset.from_list(ROWS[:1])
     instructions = [DEFAULT_POSITIVE, DEFAULT_NEGATIVE]
     n = max(len(f.prompt_ids([ROWS[0]["prompt"]], ins)[0]) for ins in instructions) + \
         max(len(f.response_ids([ROWS[0][side]])[0]) for side in ("chosen", "rejected"))
-    assert plan_shards(ds, f, instructions, 10, n + 1)[1] == []
-    assert [i for i, _ in plan_shards(ds, f, instructions, 10, n)[1]] == [0]
+    tokens = tokenize_preferences(ds, f, instructions)
+    assert plan_shards(tokens, len(instructions), 10, n + 1)[1] == []
+    assert [i for i, _ in plan_shards(tokens, len(instructions), 10, n)[1]] == [0]
     ids = list(range(5, 5 + MAX_LEN - 1))
     assert score_with_vllm(llm, [(ids[:-10], ids[-10:])])[0].shape == (10,)  # MAX_LEN - 1 tokens: accepted
 
@@ -288,6 +290,25 @@ def test_end_to_end_dataset_and_summary(run, tok, llm):
     assert s["fraction_rewarded"] == pytest.approx((r != 0).mean())
     assert s["mean_abs_reward"] == pytest.approx(np.abs(r).mean(), rel=1e-6)
     assert set(s["dimensions"]) == {"help", "harm"} and s["main_dimension"] == "help"
+
+
+def test_implicit_prompt_conversations_score_as_explicit_prompts(run, tmp_path, llm, patient):
+    """HH-style rows (only chosen/rejected conversations) get TRL's extracted prompt: the same
+    token ids and rewards as the explicit-prompt rows they were made from."""
+    from datasets import Dataset, load_from_disk
+
+    def conv(prompt, reply):
+        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = reply if isinstance(reply, str) else reply[0]["content"]
+        return turns + [{"role": "assistant", "content": text}]
+
+    rows = [{side: conv(r["prompt"], r[side]) for side in ("chosen", "rejected")} for r in ROWS]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "hh"))
+    s = compute_rewards(str(tmp_path / "hh"), patient, tmp_path / "out", run["config"], llm=llm, progress=False)
+    assert s["rows"] == len(ROWS) and s["tokenizer_fingerprint"] == run["summary"]["tokenizer_fingerprint"]
+    got, want = load_from_disk(str(tmp_path / "out")), load_from_disk(str(run["out"]))
+    for col in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejected_rewards_harm"):
+        assert got[col] == want[col], col
 
 
 def test_restart_reuses_finished_shards(run, llm, patient):

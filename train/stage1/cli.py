@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 DESCRIPTION = """\
 Stage 1 of LLMdoctor: token-level rewards from the frozen patient's own behaviour.
@@ -16,10 +17,13 @@ response token t:
   r_t     = sign * S_t  if S_t > theta  else 0     (sign +1 for chosen, -1 for rejected)
 
 Input (--data): a .jsonl/.json/.parquet/.csv file, a datasets.save_to_disk folder, or a folder of
-data files, with columns prompt, chosen, rejected: plain text, or lists of chat messages as in
-TRL preference datasets, e.g.
+data files, in any of TRL's preference formats: columns prompt, chosen, rejected as plain text
+or lists of chat messages, or only chosen and rejected holding whole conversations (the shared
+first turns become the prompt, as TRL's maybe_extract_prompt does), e.g.
   {"prompt": "How do I boil an egg?", "chosen": "Put it in boiling water for 8 min...", "rejected": "Cook it."}
   {"prompt": [{"role": "user", "content": "..."}], "chosen": [{"role": "assistant", "content": "..."}], ...}
+  {"chosen": [{"role": "user", ...}, {"role": "assistant", ...}], "rejected": [{"role": "user", ...}, ...]}
+Rows are checked and tokenised once (datasets.map, cached; --num-proc workers).
 A row with a missing field, an empty response or too many tokens stops the run with its row
 index, unless --skip-bad-rows (then it is skipped and listed in summary.json).
 
@@ -30,7 +34,8 @@ Output (--output OUT): OUT is a datasets folder (datasets.load_from_disk(OUT)) w
 (the prompt without instruction: what the doctor sees), chosen_ids, rejected_ids,
 chosen_rewards, rejected_rewards (one float per response token, from the main dimension), and
 per dimension NAME: chosen_rewards_NAME, chosen_S_NAME, chosen_delta_NAME, chosen_logp_pos_NAME,
-chosen_logp_neg_NAME (same for rejected); OUT/summary.json holds counts and statistics.
+chosen_logp_neg_NAME (same for rejected); OUT/summary.json holds counts, statistics and the
+tokenizer's fingerprint (`llmdoctor train` refuses a doctor whose tokenizer differs).
 The work is done in shards under OUT/shards: rerun the same command after an interruption and
 finished shards are reused; changing only --theta/--eps/--main-dimension rescores nothing.
 """
@@ -64,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     io.add_argument("--skip-bad-rows", action="store_true",
                     help="skip (and count in summary.json) rows that cannot be scored, instead of stopping")
     io.add_argument("--no-progress", action="store_true", help="no progress bar")
+    io.add_argument("--num-proc", type=int, help="processes for tokenising the data (datasets.map; default: 1)")
 
     rw = p.add_argument_group("instructions and rewards")
     rw.add_argument("--positive", default=DEFAULT_POSITIVE,
@@ -87,7 +93,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     en.add_argument("--max-model-len", type=int, help="context length; longer rows are bad rows (default: the model's)")
     en.add_argument("--dtype", default="auto", help="weights dtype, e.g. auto, bfloat16, float32 (default: auto)")
     en.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs to shard the patient over (default: 1)")
-    en.add_argument("--gpu-memory-utilization", type=float, help="fraction of GPU memory vLLM may use (vLLM's default)")
+    en.add_argument("--gpu-memory-utilization", type=float,
+                    help="fraction of the device's memory vLLM reserves for weights and KV cache (default: vLLM's "
+                         "0.9 on a GPU). On a CPU build it is a fraction of host RAM, and the engine refuses to start "
+                         "if that much is not free; the default there is 80%% of the RAM free now (capped at 0.9), "
+                         "unless --engine-arg kv_cache_memory_bytes=N or VLLM_CPU_KVCACHE_SPACE sizes the cache")
     en.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs / compilation (faster start, CPU)")
     en.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="any other vllm.LLM argument; VALUE is read as JSON when it parses, e.g. "
@@ -109,7 +119,25 @@ def engine_kwargs(args) -> dict:
             kw[key] = json.loads(value)
         except ValueError:
             kw[key] = value
+    sized = {"gpu_memory_utilization", "kv_cache_memory_bytes"} & set(kw) or os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+    if not sized and (fraction := cpu_memory_fraction()) is not None:
+        kw["gpu_memory_utilization"] = fraction
     return kw
+
+
+def cpu_memory_fraction() -> float | None:
+    """On a machine without CUDA: 80% of the host RAM free now as a fraction of all of it (at most 0.9),
+    what vLLM's CPU backend reserves by ``gpu_memory_utilization``; None with a GPU or no /proc/meminfo."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        total, free = (int(info[k].split()[0]) for k in ("MemTotal", "MemAvailable"))
+    except (OSError, KeyError, ValueError):
+        return None
+    return round(min(0.9, 0.8 * free / total), 3)
 
 
 def config_from_args(args):
@@ -121,7 +149,7 @@ def config_from_args(args):
         [Dimension("default", args.positive, args.negative)]
     return RewardsConfig(dimensions=dims, main_dimension=args.main_dimension, theta=args.theta, eps=args.eps,
                          shard_size=args.shard_size, skip_bad_rows=args.skip_bad_rows, template=args.template,
-                         append_eos=args.append_eos, split=args.split)
+                         append_eos=args.append_eos, split=args.split, num_proc=args.num_proc)
 
 
 def run_rewards(args, llm=None) -> dict:

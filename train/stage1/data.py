@@ -2,7 +2,8 @@
 
 Fields (``prompt``, ``chosen``, ``rejected``) are plain text or, as in TRL's conversational
 preference datasets, lists of chat messages (``{"role": ..., "content": ...}``): the prompt is
-the conversation so far, each response the assistant's reply. A bad row is never dropped
+the conversation so far, each response the assistant's reply. Without a ``prompt`` column the
+prompt is extracted from ``chosen``/``rejected`` as TRL does (``stage1.tokens``). A bad row is never dropped
 silently: it raises :class:`BadRowError` naming its index, or is skipped and counted when the
 caller asks.
 
@@ -58,8 +59,11 @@ def load_preferences(path: str | Path, split: str = "train"):
 
 
 def check_columns(ds, name: str = "data"):
-    """Returns ``ds`` if it has the ``prompt``, ``chosen`` and ``rejected`` columns, else raises naming the missing."""
-    missing = [f for f in FIELDS if f not in ds.column_names]
+    """Returns ``ds`` if it has the ``chosen`` and ``rejected`` columns, else raises naming the missing.
+
+    ``prompt`` may be absent: TRL's implicit-prompt datasets (chosen/rejected conversations that
+    share their first turns) get it extracted (``llmdoctor_train.stage1.tokens``)."""
+    missing = [f for f in FIELDS[1:] if f not in ds.column_names]
     if missing:
         raise DataError(f"{name}: column(s) {missing} missing; it has {ds.column_names}")
     return ds
@@ -96,7 +100,7 @@ def response_text(value, field: str) -> str:
 
 def row_problem(prompt, chosen, rejected) -> str | None:
     """Why a row cannot be scored (missing field, empty response, malformed messages), or None."""
-    for field, value in zip(FIELDS, (prompt, chosen, rejected)):
+    for field, value in (("chosen", chosen), ("rejected", rejected), ("prompt", prompt)):
         if value is None:
             return f"'{field}' is missing"
     try:

@@ -3,7 +3,8 @@
 Output folder layout::
 
     OUT/                 the dataset (``datasets.load_from_disk(OUT)``), one row per kept input row
-    OUT/summary.json     rows, tokens, fraction of rewarded tokens, mean |r|, skipped rows, settings
+    OUT/summary.json     rows, tokens, fraction of rewarded tokens, mean |r|, skipped rows, settings,
+                     and the patient tokenizer's fingerprint (``llmdoctor train`` checks the doctor's)
     OUT/shards/NNNNN/    the patient's log-probs per shard; a restart reuses finished ones
                          (safe to delete once the run is done; a rerun then rescores)
 
@@ -135,6 +136,7 @@ class RewardsConfig:
     template: str = "auto"
     append_eos: bool = False
     split: str = "train"
+    num_proc: int | None = None  # datasets.map workers for tokenising
 
     def __post_init__(self):
         names = [d.name for d in self.dimensions]
@@ -205,6 +207,8 @@ def _compute(data, patient, output, config, llm, tokenizer, engine_kwargs, progr
 
     from llmdoctor_train.stage1.data import BadRowError, DataError, check_columns, load_preferences
     from llmdoctor_train.stage1.scoring import build_engine, engine_max_len, score_with_vllm
+    from llmdoctor_train.stage1.tokens import tokenize_preferences
+    from llmdoctor_vllm.checkpoint import tokenizer_fingerprint
 
     ds = load_preferences(data, config.split) if isinstance(data, (str, Path)) else check_columns(data, "data")
     if len(ds) == 0:
@@ -214,8 +218,10 @@ def _compute(data, patient, output, config, llm, tokenizer, engine_kwargs, progr
         tok = AutoTokenizer.from_pretrained(str(tok or patient))
     formatter = PromptFormatter(tok, config.template, config.append_eos)
     instructions = unique_instructions(config.dimensions)
+    tokens = tokenize_preferences(ds, formatter, instructions, num_proc=config.num_proc)
+    n_ins = len(instructions)
     max_len = _assumed_max_len(llm, patient, engine_kwargs)
-    plans, bad = plan_shards(ds, formatter, instructions, config.shard_size, max_len)
+    plans, bad = plan_shards(tokens, n_ins, config.shard_size, max_len)
     raise_or_skip(bad, config.skip_bad_rows)
     if not any(p.rows for p in plans):
         raise BadRowError(bad, hint="no row is left to score")
@@ -229,7 +235,7 @@ def _compute(data, patient, output, config, llm, tokenizer, engine_kwargs, progr
         llm = build_engine(patient, **engine_kwargs)
         if engine_max_len(llm) != max_len:  # the engine settled on another length: check the rows again
             max_len = engine_max_len(llm)
-            plans, bad = plan_shards(ds, formatter, instructions, config.shard_size, max_len)
+            plans, bad = plan_shards(tokens, n_ins, config.shard_size, max_len)
             raise_or_skip(bad, config.skip_bad_rows)
             todo = [p for p in plans if not shard_is_done(out / "shards" / f"{p.index:05d}", p, settings)]
     todo_ids, scored = {p.index for p in todo}, 0
@@ -237,7 +243,7 @@ def _compute(data, patient, output, config, llm, tokenizer, engine_kwargs, progr
         bar.set_postfix(shards_to_score=len(todo), skipped_rows=len(bad))
         for plan in plans:
             if plan.index in todo_ids:
-                table = score_shard(ds, plan, formatter, instructions, lambda pairs: score_with_vllm(llm, pairs))
+                table = score_shard(tokens, plan, n_ins, lambda pairs: score_with_vllm(llm, pairs))
                 write_shard(out / "shards" / f"{plan.index:05d}", table, plan, settings)
                 scored += 1
                 bar.set_postfix(shards_to_score=len(todo) - scored, skipped_rows=len(bad))
@@ -246,7 +252,8 @@ def _compute(data, patient, output, config, llm, tokenizer, engine_kwargs, progr
         if int(stale.name) >= len(plans):
             shutil.rmtree(stale)
     run = {"data": str(data) if isinstance(data, (str, Path)) else "<Dataset>", **settings,
-           "shards": len(plans), "shards_reused": len(plans) - len(todo), "shards_computed": len(todo)}
+           "shards": len(plans), "shards_reused": len(plans) - len(todo), "shards_computed": len(todo),
+           "tokenizer_fingerprint": tokenizer_fingerprint(tok), "tokenizer_size": len(tok)}
     kept = [out / "shards" / f"{p.index:05d}" for p in plans if p.rows]  # an empty saved shard does not load back
     summary = finalise(out, kept, config, run, len(ds), bad)
     log.info("Stage 1 rewards written to %s: %s", out, {k: summary[k] for k in ("rows", "tokens", "rows_skipped")})

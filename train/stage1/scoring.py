@@ -4,8 +4,8 @@ The scorers take ``pairs`` of ``(prompt_ids, response_ids)`` and return, per pai
 array ``log π(response_t | prompt, response_<t)`` with one entry per response token: vLLM (the
 pipeline) and transformers (the reference).
 
-Shards are rows ``[i·N, (i+1)·N)`` of the data, checked up front, scored in one engine call
-each. A shard on disk holds the expensive part only, the patient's log-probs of each response
+Shards are rows ``[i·N, (i+1)·N)`` of the data, tokenised and checked up front
+(``stage1.tokens``), scored in one engine call each. A shard on disk holds the expensive part only, the patient's log-probs of each response
 under each distinct instruction (columns ``chosen_logp_<k>``/``rejected_logp_<k>``, ``k``
 indexing ``meta.json``'s ``instructions``), plus the token ids. It is written to a temporary
 folder and renamed into place, so a folder with ``meta.json`` is complete; a restarted run
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from llmdoctor_train.stage1.data import FIELDS, BadRowError, PromptFormatter, row_problem
+from llmdoctor_train.stage1.data import BadRowError
 
 
 Pairs = Sequence[tuple[Sequence[int], Sequence[int]]]
@@ -109,37 +109,32 @@ class ShardPlan:
     rows_hash: str = ""
 
 
-def _rows(ds, start: int, stop: int) -> dict:
-    return ds.select_columns(list(FIELDS))[start:stop]
+def _lengths(cols: dict, name: str) -> np.ndarray:
+    return np.array([len(x) for x in cols[name]], dtype=np.int64)
 
 
-def plan_shards(ds, formatter: PromptFormatter, instructions: list[str], shard_size: int,
+def plan_shards(tokens, n_instructions: int, shard_size: int,
                 max_len: int | None) -> tuple[list[ShardPlan], list[tuple[int, str]]]:
-    """Checks every row (fields, empty responses, length under every instruction) and cuts shards.
+    """Cuts shards of the tokenised rows (``stage1.tokens``) and lists the bad ones: a problem found
+    while tokenising, or too many tokens under some instruction for ``max_len``.
 
     Returns the shards and the bad rows as ``(row_index, reason)``; nothing is scored here.
     """
     plans, bad = [], []
-    for i, start in enumerate(range(0, len(ds), shard_size)):
-        stop = min(start + shard_size, len(ds))
-        cols = _rows(ds, start, stop)
-        shard_bad = {}
-        for j, row in enumerate(zip(*(cols[f] for f in FIELDS))):
-            if (why := row_problem(*row)) is not None:
-                shard_bad[start + j] = why
-        keep = [j for j in range(stop - start) if start + j not in shard_bad]
-        if keep and max_len is not None:
-            prompts = [cols["prompt"][j] for j in keep]
-            longest_prompt = np.max([[len(x) for x in formatter.prompt_ids(prompts, ins)] for ins in instructions], 0)
-            longest_resp = np.maximum(*(np.array([len(x) for x in formatter.response_ids([cols[f][j] for j in keep])])
-                                        for f in ("chosen", "rejected")))
-            total = longest_prompt + longest_resp
-            for j, n in zip(keep, total):
-                if n > max_len - 1:
+    id_cols = [f"prompt_ids_{k}" for k in range(n_instructions)] + ["chosen_ids", "rejected_ids"]
+    for i, start in enumerate(range(0, len(tokens), shard_size)):
+        stop = min(start + shard_size, len(tokens))
+        cols = tokens.select_columns(["problem", *id_cols])[start:stop]
+        shard_bad = {start + j: why for j, why in enumerate(cols["problem"]) if why}
+        if max_len is not None:
+            longest_prompt = np.max([_lengths(cols, c) for c in id_cols[:-2]], axis=0)
+            total = longest_prompt + np.maximum(_lengths(cols, "chosen_ids"), _lengths(cols, "rejected_ids"))
+            for j, n in enumerate(total):
+                if start + j not in shard_bad and n > max_len - 1:
                     shard_bad[start + j] = (f"{int(n)} tokens (prompt with the longest instruction + response) do not "
                                             f"fit the engine's max_model_len {max_len} (one position is left free)")
         rows = [start + j for j in range(stop - start) if start + j not in shard_bad]
-        digest = hashlib.sha256(json.dumps([cols[f] for f in FIELDS] + [rows, start], default=str).encode())
+        digest = hashlib.sha256(json.dumps([cols[c] for c in id_cols] + [rows, start]).encode())
         plans.append(ShardPlan(i, start, stop, rows, digest.hexdigest()))
         bad += sorted(shard_bad.items())
     return plans, bad
@@ -161,26 +156,24 @@ def _list_array(arrays: list, dtype) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(dtype)))
 
 
-def score_shard(ds, plan: ShardPlan, formatter: PromptFormatter, instructions: list[str], score) -> pa.Table:
-    """Tokenises the shard's rows and scores every response under every instruction in one ``score`` call."""
-    cols = _rows(ds, plan.start, plan.stop)
-    pick = [r - plan.start for r in plan.rows]
-    prompts = [cols["prompt"][j] for j in pick]
-    resp = {f: formatter.response_ids([cols[f][j] for j in pick], f) for f in ("chosen", "rejected")}
+def score_shard(tokens, plan: ShardPlan, n_instructions: int, score) -> pa.Table:
+    """Scores the shard's kept rows (token ids from ``stage1.tokens``) under every instruction in one ``score`` call."""
+    sel = tokens.select(plan.rows)
+    resp = {f: sel[f"{f}_ids"] for f in ("chosen", "rejected")}
     pairs = []
-    for ins in instructions:
-        p_ids = formatter.prompt_ids(prompts, ins)
+    for k in range(n_instructions):
+        p_ids = sel[f"prompt_ids_{k}"]
         for f in ("chosen", "rejected"):
             pairs += zip(p_ids, resp[f])
     logps = score(pairs) if pairs else []
-    n = len(pick)
+    n = len(plan.rows)
     table = {  # [D] prompt_ids: the bare prompt, no instruction (what the doctor sees when serving)
         "row_index": pa.array(plan.rows, pa.int64()),
-        "prompt_ids": _list_array(formatter.prompt_ids(prompts, None), np.int32),
+        "prompt_ids": _list_array(sel["prompt_ids"], np.int32),
         "chosen_ids": _list_array(resp["chosen"], np.int32),
         "rejected_ids": _list_array(resp["rejected"], np.int32),
     }
-    for k in range(len(instructions)):
+    for k in range(n_instructions):
         for s, f in enumerate(("chosen", "rejected")):
             at = (2 * k + s) * n
             table[f"{f}_logp_{k}"] = _list_array(logps[at:at + n], np.float32)

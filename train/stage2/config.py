@@ -16,30 +16,58 @@ FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejecte
 LOSS_TYPES = ("tfpo", "genarm")
 
 
-def _opt(default, help_text: str):
-    return field(default=default, metadata={"help": help_text})
+def _opt(default, help_text: str, **metadata):
+    return field(default=default, metadata={"help": help_text, **metadata})
+
+
+def _dashed(*names: str) -> list[str]:
+    """Old flag spellings kept as aliases of a field: ``--batch-size`` and ``--batch_size``."""
+    return [f"--{n}" for n in names] + [f"--{n.replace('-', '_')}" for n in names if "-" in n]
 
 
 @dataclass
 class TFPOConfig(TrainingArguments):
-    """``TrainingArguments`` plus TFPO's settings; defaults follow METHOD.md ([R]: AdamW, batch 4, clip 1.0)."""
+    """``TrainingArguments`` plus TFPO's settings; defaults follow METHOD.md ([R]: AdamW, batch 4, clip 1.0).
+
+    As TRL's configs do, it changes a few ``TrainingArguments`` defaults (one epoch, log every 10
+    steps, keep 2 checkpoints, warm up over the first 10% of the steps, a learning rate that
+    depends on LoRA) and every field is a flag of ``llmdoctor train`` (``HfArgumentParser``).
+    """
 
     lam: float = _opt(0.1, "Weight of the value-discrimination loss (L_SubTB + lam * L_value).")
     gamma: float = _opt(0.1, "Margin of the value-discrimination hinge.")
     subtb_weighting: str = _opt("all", "Subtrajectories in L_SubTB: 'all' pairs (O(L)), 'lambda' (weight "
-                                       "lambda^(n-m)) or 'trajectory' (s_0 to s_L only).")
+                                       "lambda^(n-m)) or 'trajectory' (s_0 to s_L only; fits fastest on toys).",
+                                choices=list(WEIGHTINGS))
     subtb_lambda: float = _opt(0.9, "lambda of the 'lambda' weighting, in (0, 1].")
     max_length: int | None = _opt(1024, "Longest prompt+response in tokens; prompts are cut from the left "
                                          "first, then responses from the right.")
     value_head_inner_size: int | None = _opt(None, "Value head MLP width (default: the LM's hidden size).")
-    loss_type: str = _opt("tfpo", "'tfpo' (SubTB + value loss) or 'genarm' (GenARM's baseline loss).")
+    loss_type: str = _opt("tfpo", "'tfpo' (SubTB + value loss) or 'genarm' (GenARM's baseline loss).",
+                          choices=list(LOSS_TYPES))
     genarm_beta: float = _opt(0.05, "beta_r of the GenARM loss.")
     model_dtype: str = _opt("float32", "dtype to load a model given by path: float32 (default; AdamW keeps "
-                                       "fp32 weights), bfloat16, float16 or auto.")
-    trained_for: str = _opt("", "What the doctor is for (e.g. 'helpfulness'), written to the manifest.")
+                                       "fp32 weights), bfloat16, float16 or auto.",
+                            choices=["float32", "bfloat16", "float16", "auto"])
+    trained_for: str = _opt("", "What the doctor is for (e.g. 'helpfulness'), written to the manifest "
+                                "(llmdoctor train: default --dimension, else the loss type).")
     remove_unused_columns: bool = _opt(False, "Must stay False: the collator reads the reward columns.")
-    per_device_train_batch_size: int = _opt(4, "Preference pairs per device and step.")
+    # TrainingArguments fields with TFPO's defaults (and the flag names llmdoctor train always had)
+    output_dir: str | None = _opt(None, "Where Trainer checkpoints go (each also a loadable doctor); "
+                                        "llmdoctor train: default OUTPUT/checkpoints.",
+                                  aliases=_dashed("checkpoint-dir"))
+    learning_rate: float | None = _opt(None, "AdamW learning rate (default: 5e-4 with LoRA, 5e-5 otherwise).")
+    per_device_train_batch_size: int = _opt(4, "Preference pairs per device and step.", aliases=_dashed("batch-size"))
     per_device_eval_batch_size: int = _opt(4, "Preference pairs per device in evaluation.")
+    gradient_accumulation_steps: int = _opt(1, "Steps to accumulate gradients over.", aliases=_dashed("grad-accum"))
+    num_train_epochs: float = _opt(1.0, "Training epochs (max_steps > 0 overrides).", aliases=_dashed("epochs"))
+    warmup_steps: float = _opt(0.1, "Linear warm-up: steps, or a fraction of the run when below 1 (default: "
+                                    "10%% of the steps). A warm-up as long as the run is warned about.")
+    logging_steps: float = _opt(10, "Log the loss and TFPO's metrics every N steps (or a fraction of the run).")
+    save_total_limit: int | None = _opt(2, "Trainer checkpoints to keep.")
+    resume_from_checkpoint: str | None = _opt(
+        None, "Resume from this Trainer checkpoint; the flag alone (or 'last') takes the last one in output_dir.",
+        aliases=["--resume"], nargs="?", const="last")
 
     def __post_init__(self):
         super().__post_init__()
@@ -52,6 +80,10 @@ class TFPOConfig(TrainingArguments):
                              f"got {self.model_dtype!r}")
         if not 0.0 < self.subtb_lambda <= 1.0:
             raise ValueError(f"TFPOConfig: subtb_lambda must be in (0, 1], got {self.subtb_lambda}")
+        if self.dataloader_pin_memory and not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin for (torch warns on every loader)
+        if self.remove_unused_columns:
+            raise ValueError("TFPOConfig: remove_unused_columns must stay False (the collator reads the rewards)")
 
 
 @dataclass

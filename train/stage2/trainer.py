@@ -20,10 +20,13 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase, Trainer
+from trl.trainer.utils import selective_log_softmax
 
 from llmdoctor_vllm.checkpoint import VALUE_HEAD_NAME, DoctorCheckpointError, DoctorManifest, save_doctor
 from llmdoctor_vllm.value_head import ValueHead
+from llmdoctor_train.stage2.checks import check_architecture
 from llmdoctor_train.stage2.config import FIELDS, TFPOCollator, TFPOConfig
+from llmdoctor_train.stage2.model_card import write_model_card
 from llmdoctor_train.stage2.loss import (apply_boundary, genarm_loss, prefix_log_q, subtb_loss,
                                         value_discrimination_loss)
 
@@ -157,6 +160,9 @@ class TFPOTrainer(Trainer):
         self.base_model_path = _local_path(model_path)
         self.reference_path = None if self.is_lora else _local_path(reference_model or model_path)
         config = model.get_base_model().config if self.is_lora else model.config
+        check_architecture(config)  # a doctor the plugin cannot serve fails here, not after training
+        if args.learning_rate is None:
+            args.learning_rate = 5e-4 if self.is_lora else 5e-5
         self.value_head = value_head or ValueHead(_hidden_size(config), args.value_head_inner_size)
         self.value_head.requires_grad_(args.loss_type == "tfpo")  # GenARM does not use the head
         model.add_module(HEAD_MODULE, self.value_head)  # so optimizer, clipping and DDP include it
@@ -183,17 +189,21 @@ class TFPOTrainer(Trainer):
     # ---- the loss ----
 
     def _response_terms(self, model, inputs, need_values: bool):
-        """One forward over prompt+response: per-token ``log pi`` ``[N, L]`` and raw ``log V`` ``[N, L+1]``."""
+        """One forward over prompt+response: per-token ``log pi`` ``[N, L]`` and raw ``log V`` ``[N, L+1]``.
+
+        Log-probs come from TRL's ``selective_log_softmax`` over the logits as the model returns
+        them, one row at a time, so no float32 ``[N, L, V]`` copy of the logits is made.
+        """
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                     output_hidden_states=need_values, use_cache=False)
-        logits = out.logits
-        n, t = inputs["input_ids"].shape
+        ids = inputs["input_ids"]
+        n, t = ids.shape
         L = inputs["response_ids"].shape[1]
-        rows = torch.arange(n, device=logits.device)[:, None]
-        # state s_k is the prefix ending at position start-1+k; it predicts y_{k+1}
-        pos = (inputs["response_start"][:, None] - 1 + torch.arange(L + 1, device=logits.device)).clamp(max=t - 1)
-        tok_logits = logits[rows, pos[:, :L]].float()
-        logp = tok_logits.gather(-1, inputs["response_ids"][..., None]).squeeze(-1) - tok_logits.logsumexp(-1)
+        rows = torch.arange(n, device=ids.device)[:, None]
+        # state s_k is the prefix ending at position start-1+k; it predicts y_{k+1} = ids[start + k]
+        pos = (inputs["response_start"][:, None] - 1 + torch.arange(L + 1, device=ids.device)).clamp(max=t - 1)
+        next_logp = selective_log_softmax(out.logits[:, :-1], ids[:, 1:]).float()  # [N, T-1]: log pi(ids[p+1] | :p)
+        logp = next_logp[rows, pos[:, :L].clamp(max=t - 2)]  # past a response's end: padding, masked by the loss
         log_v = None
         if need_values:
             hidden = out.hidden_states[-1][rows, pos]
@@ -219,7 +229,7 @@ class TFPOTrainer(Trainer):
             metrics["genarm_loss"] = loss
         mode = "train" if model.training else "eval"
         for k, v in metrics.items():
-            self._metrics[mode][k].append(v.detach())  # averaged (one sync) at log time
+            self._metrics[mode][k].append(v.detach())  # averaged over steps and ranks (one sync) at log time
         return (loss, {"logp": logp, "log_v": log_v}) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -230,14 +240,32 @@ class TFPOTrainer(Trainer):
         return loss.detach(), None, None
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the averaged TFPO metrics since the last log."""
+        """Adds the TFPO metrics since the last log, averaged over steps and over every process (as
+        TRL's trainers gather theirs), not rank 0's alone."""
         mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
         prefix = "eval_" if mode == "eval" else ""
-        for k, vals in self._metrics[mode].items():
-            if vals:
-                logs[prefix + k] = torch.stack(vals).float().mean().item()
+        names = [k for k, vals in self._metrics[mode].items() if vals]
+        if names:
+            local = torch.stack([torch.stack(self._metrics[mode][k]).float().mean() for k in names])
+            means = self.accelerator.reduce(local, reduction="mean")
+            logs.update({prefix + k: v for k, v in zip(names, means.tolist())})
         self._metrics[mode].clear()
         super().log(logs, start_time)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """``Trainer.create_scheduler``, warning first when the warm-up is as long as the run."""
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        if num_training_steps > 0 and warmup >= num_training_steps:
+            logger.warning("TFPOTrainer: warm-up of %d steps for a run of %d: the learning rate never reaches "
+                           "%g (pass warmup_steps as a fraction below 1, e.g. 0.1, or fewer steps)", warmup,
+                           num_training_steps, self.args.learning_rate)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def create_model_card(self, output_dir: str | None = None, dataset_name: str | None = None) -> None:
+        """Writes ``README.md`` into the checkpoint folder: a model card saying what the doctor is and how to serve it."""
+        if self.is_world_process_zero():
+            write_model_card(output_dir or self.args.output_dir, self.args, base_model=self.base_model_path,
+                             global_step=self.state.global_step, dataset_name=dataset_name)
 
     # ---- saving and resuming ----
 
@@ -257,6 +285,7 @@ class TFPOTrainer(Trainer):
                         base_model=self.base_model_path if self.is_lora else None,
                         reference=self.reference_path, extra=extra)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        self.create_model_card(output_dir)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
         """``Trainer.train``; a resume checkpoint is checked first (a bad one raises :class:`ResumeCheckpointError`)."""
