@@ -86,6 +86,12 @@ def test_reference_target_equals_brute_force(weighting):
     # it is SubTB on log pi - log pi_ref with the paper's target
     shifted = brute_subtb((logp - ref).tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, lam=0.7)
     assert fast.item() == pytest.approx(shifted, rel=1e-10, abs=1e-12)
+    # reward_scale c fits c x the rewards
+    args.reward_scale = 2.5
+    scaled, _ = tfpo_objective(logp, log_v, inputs, args, ref_logp=ref)
+    want = brute_subtb(logp.tolist(), (2.5 * rewards).tolist(), log_v.tolist(), lengths, weighting, lam=0.7,
+                       ref=ref.tolist())
+    assert scaled.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
 def test_subtb_lambda_one_is_all_pairs_and_padding_is_inert():

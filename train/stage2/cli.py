@@ -51,6 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     loss.add_argument("--subtb-lambda", type=float, default=0.9, help="lambda for --subtb-weighting lambda (0.9)")
     loss.add_argument("--flow-target", choices=["reference", "absolute"], default="reference",
                       help="log Q: sum r + log pi_ref (default: a tilt of the start) or sum r (the paper's)")
+    loss.add_argument("--reward-scale", type=float, default=1.0, help="TFPO fits scale x the token rewards (1)")
     loss.add_argument("--lam", type=float, default=0.1, help="weight of the value-discrimination loss (0.1)")
     loss.add_argument("--gamma", type=float, default=0.1, help="margin of the value-discrimination hinge (0.1)")
     loss.add_argument("--genarm-beta", type=float, default=0.05, help="beta_r of the GenARM loss (0.05)")
@@ -140,7 +141,7 @@ def run_train(args: argparse.Namespace) -> str:
     config = TFPOConfig(
         output_dir=ckpt_dir, loss_type=args.loss_type, subtb_weighting=args.subtb_weighting,
         subtb_lambda=args.subtb_lambda, lam=args.lam, gamma=args.gamma, genarm_beta=args.genarm_beta,
-        flow_target=args.flow_target,
+        flow_target=args.flow_target, reward_scale=args.reward_scale,
         value_head_inner_size=args.value_head_inner_size, max_length=args.max_length,
         trained_for=args.trained_for or args.dimension or "", model_dtype=args.model_dtype,
         learning_rate=args.learning_rate or (5e-4 if lora else 5e-5), per_device_train_batch_size=args.batch_size,

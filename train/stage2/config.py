@@ -30,6 +30,7 @@ class TFPOConfig(TrainingArguments):
                                        "lambda^(n-m)) or 'trajectory' (s_0 to s_L only).")
     subtb_lambda: float = _opt(0.9, "lambda of the 'lambda' weighting, in (0, 1].")
     flow_target: str = _opt("reference", "log Q: 'reference' (sum r + log pi_ref, [D]) or 'absolute' (sum r).")
+    reward_scale: float = _opt(1.0, "TFPO fits reward_scale x Stage 1's rewards (a KL coefficient of 1/scale) [D].")
     max_length: int | None = _opt(1024, "Longest prompt+response in tokens; prompts are cut from the left "
                                          "first, then responses from the right.")
     value_head_inner_size: int | None = _opt(None, "Value head MLP width (default: the LM's hidden size).")

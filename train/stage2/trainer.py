@@ -109,7 +109,8 @@ def tfpo_objective(logp: torch.Tensor, log_v: torch.Tensor, inputs: dict, args: 
 
     With ``ref_logp`` (``log pi_ref`` per token) the prefix score is the reference-relative one,
     ``log Q(s_t) = sum_{k<=t} (r_k + log pi_ref(y_k))`` [D]; without it, the paper's ``sum r_k``."""
-    mask, rewards, ids = inputs["response_mask"], inputs["rewards"], inputs["response_ids"]
+    mask, ids = inputs["response_mask"], inputs["response_ids"]
+    rewards = inputs["rewards"] * getattr(args, "reward_scale", 1.0)
     B = mask.shape[0] // 2
     log_q = prefix_log_q(rewards if ref_logp is None else rewards + ref_logp, mask)
     log_v = apply_boundary(log_v, mask)
@@ -230,7 +231,8 @@ class TFPOTrainer(Trainer):
                 ref_logp = reference_logp(unwrapped, getattr(self, "_frozen_reference", None), inputs,
                                           lambda m, x: self._response_terms(m, x, need_values=False)[0])
             loss, tfpo_metrics = tfpo_objective(logp, log_v, inputs, args, ref_logp)
-            metrics.update(tfpo_metrics, **logratio_metrics(logp, ref_logp, inputs["rewards"], mask))
+            target = inputs["rewards"] * args.reward_scale  # what TFPO fits the log-ratio margin to
+            metrics.update(tfpo_metrics, **logratio_metrics(logp, ref_logp, target, mask))
         else:
             loss = genarm_loss(sum_logp[:B], sum_logp[B:], beta_r=args.genarm_beta)
             metrics["genarm_loss"] = loss
@@ -268,7 +270,7 @@ class TFPOTrainer(Trainer):
         extra = {"loss_type": args.loss_type, "global_step": self.state.global_step}
         if args.loss_type == "tfpo":
             extra.update(subtb_weighting=args.subtb_weighting, lam=args.lam, gamma=args.gamma,
-                         flow_target=args.flow_target)
+                         flow_target=args.flow_target, reward_scale=args.reward_scale)
         with _head_detached(model):
             save_doctor(output_dir, model, self.processing_class, self.value_head,
                         trained_for=args.trained_for or args.loss_type,
