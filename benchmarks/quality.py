@@ -203,7 +203,7 @@ def main(argv=None) -> dict:
     _say(f"4/5 Stage 2: TFPO and GenARM LoRA doctors, {args.train_steps} steps each")
     docs = train_doctors(root, patient["patient"], args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    docs["probe"] = probe_doctors(root, docs["paths"], n_prompts=args.n_eval)
+    docs["probe"] = probe_doctors(root, docs["paths"], n_prompts=args.n_eval, rewards=rewards_dir(root, args))
     for line in probe_lines(docs["probe"]):
         _say("    " + line)
 
