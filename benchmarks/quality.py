@@ -37,11 +37,15 @@ import numpy as np
 from benchmarks.common import RESULTS, command_line
 from benchmarks.quality_methods import Bench, run_decoding
 from benchmarks.quality_report import probe_doctors, probe_lines, targets, write_report
+from benchmarks.quality_frontier import frontier
 from benchmarks.quality_metrics import pearson
 from llmdoctor_train.toy import pipeline as tp
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engines start in seconds
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+BETAS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0]
 
 
 def parse_args(argv=None):
@@ -50,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", default=str(RESULTS), help="where results go (benchmarks/results)")
     p.add_argument("--name", default="quality", help="results file stem (quality)")
     p.add_argument("--reuse", action="store_true", help="reuse the patient, rewards and doctors found in --workdir")
+    p.add_argument("--tfpo-only", action="store_true", help="decode the patient and the TFPO doctor only (variants)")
     p.add_argument("--quick", action="store_true",
                    help="smoke-test size: tiny training, 8 prompts, one setting per method")
     g = p.add_argument_group("sizes")
@@ -59,13 +64,26 @@ def parse_args(argv=None):
     g.add_argument("--train-steps", type=int, default=300, help="doctor training steps, TFPO and GenARM (300)")
     g.add_argument("--n-eval", type=int, default=64, help="held-out prompts (64)")
     g.add_argument("--max-tokens", type=int, default=48, help="max reply tokens (48)")
+    g.add_argument("--train-seed", type=int, default=42, help="seed of both doctors' training (42)")
+    g.add_argument("--sample-seed", type=int, default=0,
+                   help="sampling seed of the held-out decoding, every method (0: the original seeds)")
+    g.add_argument("--tfpo-arg", action="append", default=[], metavar="ARG",
+                   help="an extra `llmdoctor train` argument for the TFPO doctor, e.g. --tfpo-arg=--lam=0.5 "
+                        "(repeatable)")
+    g.add_argument("--reward-sign", choices=("label", "patient"), default="label",
+                   help="Stage 1's sign of r for the TFPO doctor: the label (the paper's) or log pi_pos - log pi_neg "
+                        "(scored into WORKDIR/rewards_patient)")
+    g.add_argument("--tag", default="", help="suffix of the TFPO doctor's folder (variants side by side)")
     s = p.add_argument_group("sweeps")
-    s.add_argument("--betas", type=float, nargs="+", default=[0.125, 0.25, 0.5, 1.0, 2.0, 4.0],
-                   help="doctor weights, every doctor x rule (the small ones reach the diversity floor)")
-    s.add_argument("--args-w", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0, 4.0], help="ARGS reward weights")
+    s.add_argument("--betas", type=float, nargs="+", default=BETAS,
+                   help="doctor weights, every doctor x rule (fine enough that every doctor has points across "
+                        "distinct-2 0.20-0.33)")
+    s.add_argument("--args-w", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+                   help="ARGS reward weights")
     s.add_argument("--args-k", type=int, default=10, help="ARGS candidates (10)")
     s.add_argument("--best-of", type=int, nargs="+", default=[2, 4, 8, 16], help="best-of-N sizes (2 4 8 16)")
-    s.add_argument("--aisp", nargs="+", default=["1:0.5:2", "1:1:2", "1:1:4", "0.25:1:4", "0.5:2:4"], metavar="LAM:SIGMA:ITERS",
+    s.add_argument("--aisp", nargs="+", metavar="LAM:SIGMA:ITERS",
+                   default=["1:0.5:2", "1:1:2", "1:0.5:4", "1:1:4", "0.25:1:4", "0.5:2:4", "1:0.5:8", "1:1:8"],
                    help="AISP points, n=4 samples per iteration")
     s.add_argument("--aisp-tau", type=int, default=24, help="AISP perturbed positions (24)")
     args = p.parse_args(argv)
@@ -92,16 +110,28 @@ def build_patient_and_stage1(root: Path, args) -> tuple[dict, dict]:
         patient = {"patient": built["patient"], "rewards_by_instruction": built["rewards"],
                    "wellformed_by_instruction": built["wellformed"], "final_loss": built["final_loss"],
                    "build_seconds": built["build_seconds"]}
-    return patient, stage1_summary(root)
+    if args.reward_sign != "label" and not (rewards_dir(root, args) / "summary.json").exists():
+        from datasets import load_from_disk
+
+        from llmdoctor_train.stage1.pipeline import RewardsConfig, compute_rewards
+
+        compute_rewards(load_from_disk(str(root / "prefs")), patient["patient"], rewards_dir(root, args),
+                        RewardsConfig(reward_sign=args.reward_sign), engine_kwargs=tp.engine_kwargs(), progress=False)
+    return patient, stage1_summary(root, rewards_dir(root, args))
 
 
-def stage1_summary(root: Path) -> dict:
+def rewards_dir(root: Path, args) -> Path:
+    """Stage 1's output for the TFPO doctor: ``rewards`` (the label's sign) or ``rewards_<sign>``."""
+    return root / ("rewards" if args.reward_sign == "label" else f"rewards_{args.reward_sign}")
+
+
+def stage1_summary(root: Path, rewards: Path) -> dict:
     """Stage 1's summary of the pairs in ``root``, and how its token rewards correlate with the task reward."""
     from datasets import load_from_disk
 
     prefs = load_from_disk(str(root / "prefs"))
-    summary = json.loads((root / "rewards" / "summary.json").read_text())
-    ds = load_from_disk(str(root / "rewards"))
+    summary = json.loads((rewards / "summary.json").read_text())
+    ds = load_from_disk(str(rewards))
     rows = ds["row_index"]
     cr, rr = (np.asarray(prefs[c], dtype=float)[rows] for c in ("chosen_reward", "rejected_reward"))
     cs = np.array([np.sum(x) for x in ds["chosen_rewards"]])
@@ -121,20 +151,22 @@ def train_doctors(root: Path, patient: str, args) -> dict:
     jobs, paths, t0 = {}, {}, time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for loss in ("tfpo", "genarm"):
-        paths[loss] = str(root / f"doctor_{loss}")
+        tag = f"_s{args.train_seed}" + (args.tag if loss == "tfpo" and args.tag else "")
+        paths[loss] = str(root / f"doctor_{loss}{tag}")
         if args.reuse and (Path(paths[loss]) / "llmdoctor.json").exists():
             continue
+        rewards = rewards_dir(root, args) if loss == "tfpo" else root / "rewards"
         cmd = [sys.executable, "-m", "llmdoctor_train.cli",
-               *tp.train_command(root / "rewards", patient, paths[loss], steps=args.train_steps, loss_type=loss,
-                                 trained_for=f"toy: good words ({loss})")]
-        log = open(root / f"train_{loss}.log", "w")
+               *tp.train_command(rewards, patient, paths[loss], steps=args.train_steps, loss_type=loss,
+                                 trained_for=f"toy: good words ({loss})", seed=args.train_seed,
+                                 extra=args.tfpo_arg if loss == "tfpo" else ())]
+        log = open(root / f"train_{loss}{tag}.log", "w")
         jobs[loss] = (subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log)
     for name, (proc, log) in jobs.items():
         rc = proc.wait()
         log.close()
         if rc:
-            raise RuntimeError(f"training the {name} doctor failed ({rc}):\n"
-                               + (root / f"train_{name}.log").read_text()[-3000:])
+            raise RuntimeError(f"training the {name} doctor failed ({rc}):\n" + Path(log.name).read_text()[-3000:])
     return {"paths": paths, "train_seconds": time.perf_counter() - t0}
 
 
@@ -171,7 +203,7 @@ def main(argv=None) -> dict:
     _say(f"4/5 Stage 2: TFPO and GenARM LoRA doctors, {args.train_steps} steps each")
     docs = train_doctors(root, patient["patient"], args)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    docs["probe"] = probe_doctors(root, docs["paths"], n_prompts=args.n_eval)
+    docs["probe"] = probe_doctors(root, docs["paths"], n_prompts=args.n_eval, rewards=rewards_dir(root, args))
     for line in probe_lines(docs["probe"]):
         _say("    " + line)
 
@@ -195,6 +227,7 @@ def main(argv=None) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k not in ("workdir", "output_dir", "reuse")},
         "patient": patient, "stage1": s1, "doctors": docs,
         "methods": methods, "targets": targets(methods), "targets_fluent": targets(methods, ppl_factor=1.5),
+        "frontier": frontier({"methods": methods}),
         "seconds": {"total": time.perf_counter() - t_start, "decoding": time.perf_counter() - t_dec},
     }
     path, table_md = write_report(result, out, args.name, command_line(__file__, argv))

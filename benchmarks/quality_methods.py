@@ -38,7 +38,8 @@ class Bench:
     def sample(self, extra: dict | None = None, n: int = 1):
         """Every prompt once (``n`` samples each); returns (texts [prompts][n], token counts, seconds)."""
         t0 = time.perf_counter()
-        outs = tp.generate(self.llm, self.prompts, extra, n=n, max_tokens=self.args.max_tokens)
+        outs = tp.generate(self.llm, self.prompts, extra, n=n, max_tokens=self.args.max_tokens,
+                           offset=self.args.sample_seed)
         dt = time.perf_counter() - t0
         texts = [[c.text.strip() for c in o.outputs] for o in outs]
         return texts, int(sum(len(c.token_ids) for o in outs for c in o.outputs)), dt
@@ -87,7 +88,7 @@ def run_decoding(bench: Bench, args) -> dict:
     texts, toks, dt = bench.sample()
     methods["patient"].append(bench.point({}, [t[0] for t in texts], _compute(toks, dt)))
 
-    for doctor, prefix in (("tfpo", "llmdoctor"), ("genarm", "genarm")):
+    for doctor, prefix in (("tfpo", "llmdoctor"), ("genarm", "genarm"))[:1 if args.tfpo_only else 2]:
         for rule in ("product", "delta"):
             passes = 1 if rule == "product" else 2  # delta: the doctor with its adapter on and off
             for b in args.betas:
@@ -96,6 +97,8 @@ def run_decoding(bench: Bench, args) -> dict:
                     {"beta": b, "rule": rule, "doctor": doctor}, [t[0] for t in texts],
                     _compute(toks, dt, doctor=passes * toks)))
 
+    if args.tfpo_only:
+        return methods
     for w in args.args_w:
         texts, toks, dt = bench.sample({"args_w": w, "args_k": k})
         methods["args"].append(bench.point({"w": w, "k": k}, [t[0] for t in texts],
@@ -111,7 +114,7 @@ def run_decoding(bench: Bench, args) -> dict:
         t0 = time.perf_counter()
         res = aisp_generate(bench.llm, bench.prompts, world.toy_rewards, n=4, iterations=int(iters), sigma=sigma,
                             lam=lam, tau=args.aisp_tau, max_tokens=args.max_tokens, temperature=1.0,
-                            stop=[world.STOP], seed=0)
+                            stop=[world.STOP], seed=args.sample_seed)
         toks = res["compute"]["generated_tokens"]
         methods["aisp"].append(bench.point({"lambda": lam, "sigma": sigma, "iterations": int(iters), "n": 4,
                                             "tau": args.aisp_tau}, [t.strip() for t in res["texts"]],

@@ -16,7 +16,7 @@ from llmdoctor_train.toy.patient import torch_threads
 from benchmarks.common import save_figure
 
 
-def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64) -> dict:
+def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64, rewards: Path | None = None) -> dict:
     """What each LoRA doctor learned, adapter on vs off (the delta rule's reference), in transformers.
 
     ``slots``: mean probability of the good and of the bad words at the adverb slot ("... Assistant:
@@ -42,7 +42,7 @@ def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64) ->
     slots = {"adverb": (heads, ids(world.GOOD_ADVERBS), ids(world.BAD_ADVERBS)),
              "verb": ([h + " " + rng.choice(world.NEUTRAL_ADVERBS) for h in heads], ids(world.GOOD_VERBS),
                       ids(world.BAD_VERBS))}
-    pairs = load_from_disk(str(root / "rewards"))
+    pairs = load_from_disk(str(rewards or root / "rewards"))  # Stage 1's output the TFPO doctor trained on
     pairs = pairs.select(range(min(n_pairs, len(pairs))))
     out = {}
     with torch_threads(1), torch.no_grad():

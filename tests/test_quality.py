@@ -86,6 +86,33 @@ def test_targets_pick_points_within_the_diversity_floor():
     assert fluent["genarm_best"] == 1.5 and fluent["llmdoctor_ge_genarm"] is True
 
 
+def test_fluent_frontier_and_its_length_share():
+    from benchmarks.quality_frontier import aggregate, frontier, targets
+
+    pt = lambda r, d2, wf=1.0, w=10.0: {"reward": r, "distinct_2": d2, "wellformed": wf, "mean_words": w,  # noqa: E731
+                                        "setting": {}}
+    def run(shift):
+        return {"methods": {"patient": [pt(1.0, 0.34)],
+                            "llmdoctor_product": [pt(2.0 + shift, 0.31, w=12.5), pt(9.0, 0.31, wf=0.8),
+                                                  pt(3.0 + shift, 0.22, w=15.0)],
+                            "llmdoctor_delta": [pt(2.5, 0.26)], "genarm_product": [pt(2.2, 0.30), pt(2.6, 0.20)],
+                            "best_of_16": [pt(2.4, 0.27)]}}
+    f = frontier(run(0.0))
+    assert f["llmdoctor"]["0.30"]["reward"] == 2.0  # the 80%-well-formed point does not count
+    assert f["llmdoctor"]["0.25"]["reward"] == 2.5 and f["llmdoctor"]["0.20"]["reward"] == 3.0
+    assert f["genarm"]["0.25"]["reward"] == 2.2 and f["best_of_16"]["0.30"] is None
+    # 2.0 at 12.5 words vs the patient's 1.0 at 10: 1.6 at the patient's length, so 0.4 of the 1.0 gain is length
+    assert f["llmdoctor"]["0.30"]["reward_at_patient_length"] == pytest.approx(1.6)
+    assert f["llmdoctor"]["0.30"]["length_share"] == pytest.approx(0.4)
+    agg = aggregate([f, frontier(run(0.5)), frontier(run(1.0))])
+    r = agg["llmdoctor"]["0.20"]["reward"]
+    assert (r["n"], r["mean"], r["min"], r["max"]) == (3, pytest.approx(3.5), 3.0, 4.0)
+    assert r["std"] == pytest.approx(0.5)
+    t = targets(agg)
+    assert t["0.20"]["ge_genarm"] is True and t["0.20"]["ge_best_of_16"] is True
+    assert t["0.30"]["genarm"] == pytest.approx(2.2) and t["0.30"]["best_of_16"] == pytest.approx(2.4)
+
+
 def test_quick_benchmark_end_to_end(tmp_path):
     """The smallest settings run the whole benchmark (patient, pairs, Stage 1, both doctors, every
     method in one engine) and write well-formed results, into tmp_path only."""

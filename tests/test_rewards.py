@@ -94,6 +94,18 @@ def test_hand_values_threshold_and_sign():
     np.testing.assert_allclose(high.rewards, np.where(S > 0.8, S, 0.0), rtol=1e-10)
 
 
+def test_patient_sign_takes_each_tokens_direction_not_the_label():
+    lp = np.array([-1.0, -3.0, -2.0, -2.0])  # token 1 favoured by the positive instruction, 2 by the negative
+    ln = np.array([-3.0, -1.0, -2.05, -2.0])  # Δ = 2, 2, 0.05, 0: mean 1.0125
+    S = np.tanh(np.abs(lp - ln) / (1.0125 + 1e-6))
+    for label in (+1.0, -1.0):  # the label no longer matters
+        r = ragged_token_rewards(lp, ln, [0, 4], [label], sign="patient")
+        np.testing.assert_allclose(r.rewards, [S[0], -S[1], 0.0, 0.0], rtol=1e-10)  # S[2] < θ
+        np.testing.assert_allclose(r.S, S, rtol=1e-10)
+    with pytest.raises(ValueError, match="sign"):
+        ragged_token_rewards(lp, ln, [0, 4], [1.0], sign="both")
+
+
 def test_threshold_boundary_is_atanh_theta_times_mean():
     theta, eps = 0.1, 1e-6
     edge = math.atanh(theta) * (1 + eps)  # Δ = atanh(θ)·(mean + ε) with mean = 1
@@ -330,6 +342,15 @@ def test_restart_reuses_finished_shards(run, llm, patient):
     assert s["shards_computed"] == 0 and s["fraction_rewarded"] < run["summary"]["fraction_rewarded"]
     after = load_from_disk(str(out))
     assert all(x == 0 or abs(x) > 0.5 for row in after["chosen_rewards"] for x in row)
+    # so does the reward's sign: from each token's log pi_pos - log pi_neg instead of the label
+    s = compute_rewards(run["data"], patient, out, RewardsConfig(dimensions=DIMS, shard_size=2, reward_sign="patient"),
+                        llm=None, progress=False)
+    signed = load_from_disk(str(out))
+    assert s["shards_computed"] == 0 and s["reward_sign"] == "patient"
+    for side in ("chosen", "rejected"):
+        for r, p, n in zip(signed[f"{side}_rewards"], signed[f"{side}_logp_pos_{DIMS[0].name}"],
+                           signed[f"{side}_logp_neg_{DIMS[0].name}"]):
+            assert all(x == 0 or np.sign(x) == np.sign(a - b) for x, a, b in zip(r, p, n))
     compute_rewards(run["data"], patient, out, run["config"], progress=False)  # back to θ = 0.1 for later tests
 
 

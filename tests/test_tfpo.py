@@ -20,13 +20,14 @@ R = math.tanh(1.0)  # a Stage 1 reward at mean importance
 
 # ---------------------------------------------------------------- brute-force references
 
-def brute_subtb(logp, rewards, log_v, lengths, weighting, lam=0.9):
-    """The O(L^2) definition of METHOD.md, one sequence and one pair at a time."""
+def brute_subtb(logp, rewards, log_v, lengths, weighting, lam=0.9, ref=None):
+    """The O(L^2) definition of METHOD.md, one sequence and one pair at a time; with ``ref``
+    (log pi_ref per token) the reference-relative prefix score ``sum (r_k + log pi_ref(y_k))``."""
     per_seq = []
     for b, n in enumerate(lengths):
         if n == 0:
             continue
-        logq = [0.0] + [float(sum(rewards[b][:k])) for k in range(1, n + 1)]
+        logq = [0.0] + [float(sum(rewards[b][:k]) + (sum(ref[b][:k]) if ref else 0.0)) for k in range(1, n + 1)]
         logv = [float(log_v[b][k]) for k in range(n)] + [0.0]  # boundary: log V(s_n) = 0
         flow = [logq[k] + logv[k] for k in range(n + 1)]
 
@@ -66,6 +67,31 @@ def test_subtb_equals_brute_force(weighting):
     fast = subtb_loss(logp, prefix_log_q(rewards, mask), log_v, mask, weighting=weighting, lam=0.7)
     ref = brute_subtb(logp.tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, lam=0.7)
     assert fast.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
+
+
+@pytest.mark.parametrize("weighting", ["all", "lambda", "trajectory"])
+def test_reference_target_equals_brute_force(weighting):
+    from types import SimpleNamespace
+
+    from llmdoctor_train.stage2.trainer import tfpo_objective
+
+    lengths, L = [9, 3, 0, 6], 9
+    logp, rewards, log_v, mask = random_batch(lengths, L, seed=4)
+    ref = (-torch.rand(len(lengths), L, dtype=torch.float64) * 3).masked_fill(~mask, 11.0)
+    args = SimpleNamespace(subtb_weighting=weighting, subtb_lambda=0.7, lam=0.0, gamma=0.1)
+    inputs = {"response_mask": mask, "rewards": rewards, "response_ids": torch.zeros(len(lengths), L, dtype=torch.long)}
+    fast, _ = tfpo_objective(logp, log_v, inputs, args, ref_logp=ref)
+    want = brute_subtb(logp.tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, lam=0.7, ref=ref.tolist())
+    assert fast.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    # it is SubTB on log pi - log pi_ref with the paper's target
+    shifted = brute_subtb((logp - ref).tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, lam=0.7)
+    assert fast.item() == pytest.approx(shifted, rel=1e-10, abs=1e-12)
+    # reward_scale c fits c x the rewards
+    args.reward_scale = 2.5
+    scaled, _ = tfpo_objective(logp, log_v, inputs, args, ref_logp=ref)
+    want = brute_subtb(logp.tolist(), (2.5 * rewards).tolist(), log_v.tolist(), lengths, weighting, lam=0.7,
+                       ref=ref.tolist())
+    assert scaled.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
 
 
 def test_subtb_lambda_one_is_all_pairs_and_padding_is_inert():
@@ -208,14 +234,38 @@ def direction_runs(toy, tmp_path_factory):
         for r in recs:
             r["chosen_rewards"] = [sign * x for x in r["chosen_rewards"]]
             r["rejected_rewards"] = [sign * x for x in r["rejected_rewards"]]
-        tr = make_trainer(toy, tmp_path_factory.mktemp(name), steps=40, records=recs)
+        # full fine-tuning of a random tiny LM: at 3e-3 the reference-relative fit overshoots and oscillates
+        tr = make_trainer(toy, tmp_path_factory.mktemp(name), steps=60, records=recs, learning_rate=1e-3)
         tr.train()
-        runs[name] = (*good_minus_bad(tr.model, held_out), tr.state.log_history)
+        runs[name] = (*good_minus_bad(tr.model, held_out), tr.state.log_history, tr.model)
     return runs
 
 
+def response_logratio(model, reference, records):
+    """Per held-out response token: ``log pi - log pi_ref`` (``reference``: a model, or None for the
+    same LoRA model with its adapter disabled)."""
+    def token_logp(run):
+        out = []
+        for r in records:
+            for side in ("chosen_ids", "rejected_ids"):
+                x = torch.tensor([r["prompt_ids"] + r[side]])
+                n = len(r["prompt_ids"])
+                out.append(run(input_ids=x).logits[0, n - 1:-1].float().log_softmax(-1).gather(1, x[0, n:, None]))
+        return torch.cat(out)
+
+    model.eval()
+    with torch.no_grad():
+        doctor = token_logp(model)
+        if reference is None:
+            with model.disable_adapter():
+                ref = token_logp(model)
+        else:
+            ref = token_logp(reference.eval())
+    return (doctor - ref).squeeze(-1)
+
+
 def test_training_raises_favoured_and_lowers_disfavoured_tokens(direction_runs):
-    (g, b, _), (g0, b0, _), (gf, bf, _) = (direction_runs[k] for k in ("favour", "zero", "flip"))
+    (g, b, *_), (g0, b0, *_), (gf, bf, *_) = (direction_runs[k] for k in ("favour", "zero", "flip"))
     # against the same training without rewards, the rewarded token rises and the penalised one falls
     assert g > g0 + 0.25 and b < b0 - 0.25, (g, g0, b, b0)
     # the chosen-vs-rejected gap moves towards sum r+ - sum r- = +-1.52 nats; without rewards it stays put
@@ -227,6 +277,45 @@ def test_training_logs_tfpo_metrics(direction_runs):
     logged = [h for h in direction_runs["favour"][2] if "subtb" in h]
     assert logged and {"value_loss", "flow_residual", "pairs_ranked_right", "logp_margin"} <= set(logged[-1])
     assert logged[-1]["pairs_ranked_right"] > 0.9 and logged[-1]["subtb"] < logged[0]["subtb"]
+    # the doctor's log-ratio margin is logged next to Stage 1's target (2R per pair) and moves towards it
+    assert {"logratio_margin", "stage1_target"} <= set(logged[-1])
+    assert logged[-1]["stage1_target"] == pytest.approx(2 * R, rel=1e-5)
+    assert abs(logged[-1]["logratio_margin"] - 2 * R) < 0.6, logged[-1]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_zero_rewards_keep_the_doctor_its_reference(toy, tmp_path, lora):
+    """Reference target: with all rewards zero the doctor stays its reference (log-ratio ~ 0; only the
+    value loss's divergence pair tilts it, by about gamma); the same run with rewards moves it. For
+    LoRA the reference is the adapter disabled, for full fine-tuning a frozen copy (at a full-LM rate)."""
+    from transformers import AutoModelForCausalLM
+
+    held_out = synthetic_records(16, seed=99)
+    reference = None if lora else AutoModelForCausalLM.from_pretrained(toy["base"])
+    lr = 3e-3 if lora else 5e-5
+    ratios = {}
+    for name, sign in (("zero", 0.0), ("favour", 1.0)):
+        recs = synthetic_records(64)
+        for r in recs:
+            r["chosen_rewards"] = [sign * x for x in r["chosen_rewards"]]
+            r["rejected_rewards"] = [sign * x for x in r["rejected_rewards"]]
+        tr = make_trainer(toy, tmp_path / name, lora=lora, steps=40, records=recs, learning_rate=lr)
+        tr.train()
+        ratios[name] = response_logratio(tr.model, reference, held_out)
+    zero = ratios["zero"].abs()
+    assert zero.mean() < 0.15 and zero.max() < 0.5, zero
+    margin = {k: v.view(-1, 2, 3).sum(-1) @ torch.tensor([1.0, -1.0]) for k, v in ratios.items()}  # y+ vs y-
+    assert margin["zero"].mean().abs() < 0.3 and margin["favour"].mean() > 0.75, margin
+
+
+def test_absolute_target_moves_the_doctor_without_rewards(toy, tmp_path):
+    """The paper's target, for contrast: zero rewards still raise the likelihood of every training token."""
+    recs = synthetic_records(64)
+    for r in recs:
+        r["chosen_rewards"], r["rejected_rewards"] = [0.0] * 3, [0.0] * 3
+    tr = make_trainer(toy, tmp_path, lora=True, steps=30, records=recs, flow_target="absolute")
+    tr.train()
+    assert response_logratio(tr.model, None, synthetic_records(16, seed=99)).mean() > 0.5
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
@@ -240,6 +329,7 @@ def test_save_model_is_a_loadable_doctor(toy, tmp_path, lora):
     doc = load_doctor(out, patient_tokenizer=toy["tok"])
     assert doc.manifest.kind == ("lora" if lora else "full")
     assert doc.manifest.trained_for == "helpfulness" and doc.manifest.extra["loss_type"] == "tfpo"
+    assert doc.manifest.extra["flow_target"] == "reference"
     for name, p in tr.value_head.state_dict().items():
         torch.testing.assert_close(doc.value_head.state_dict()[name], p)
     ids = torch.tensor([[11, 12, 13, GOOD]])
@@ -323,9 +413,10 @@ def test_cli_trains_from_a_saved_rewards_dataset(toy, tmp_path, capsys):
     DatasetDict(train=Dataset.from_list(recs), test=Dataset.from_list(recs[:4])).save_to_disk(str(tmp_path / "rw"))
     main(["train", "--rewards", str(tmp_path / "rw"), "--model", toy["base"], "--output", str(tmp_path / "out"),
           "--max-steps", "2", "--batch-size", "4", "--lora-r", "4", "--subtb-weighting", "lambda",
-          "--dimension", "harmless", "--save-steps", "2", "--warmup-steps", "0"])
+          "--dimension", "harmless", "--save-steps", "2", "--warmup-steps", "0", "--flow-target", "absolute"])
     doc = load_doctor(tmp_path / "out", patient_tokenizer=toy["tok"])
     assert doc.is_lora and doc.manifest.extra["subtb_weighting"] == "lambda"
+    assert doc.manifest.extra["flow_target"] == "absolute"
     assert doc.manifest.trained_for == "harmless"
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-2").is_dir()
     assert "eval_subtb" in capsys.readouterr().out

@@ -14,7 +14,8 @@ by vLLM, twice per dimension: under a positive and under a negative system instr
 response token t:
   delta_t = |log p_pos(y_t) - log p_neg(y_t)|
   S_t     = tanh(delta_t / (mean delta over that response + eps))
-  r_t     = sign * S_t  if S_t > theta  else 0     (sign +1 for chosen, -1 for rejected)
+  r_t     = sign * S_t  if S_t > theta  else 0     (sign +1 for chosen, -1 for rejected;
+            with --reward-sign patient, sign = sign(log p_pos(y_t) - log p_neg(y_t)) instead)
 
 Input (--data): a .jsonl/.json/.parquet/.csv file, a datasets.save_to_disk folder, or a folder of
 data files, in any of TRL's preference formats: columns prompt, chosen, rejected as plain text
@@ -37,7 +38,8 @@ per dimension NAME: chosen_rewards_NAME, chosen_S_NAME, chosen_delta_NAME, chose
 chosen_logp_neg_NAME (same for rejected); OUT/summary.json holds counts, statistics and the
 tokenizer's fingerprint (`llmdoctor train` refuses a doctor whose tokenizer differs).
 The work is done in shards under OUT/shards: rerun the same command after an interruption and
-finished shards are reused; changing only --theta/--eps/--main-dimension rescores nothing.
+finished shards are reused; changing only --theta/--eps/--main-dimension/--reward-sign
+rescores nothing.
 """
 
 HELP = "Stage 1: token-level rewards from the patient (vLLM)"
@@ -84,6 +86,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rw.add_argument("--theta", type=float, default=THETA,
                     help=f"importance threshold: r = 0 where S <= theta (default: {THETA})")
     rw.add_argument("--eps", type=float, default=EPS, help=f"epsilon of S's denominator (default: {EPS})")
+    rw.add_argument("--reward-sign", choices=("label", "patient"), default="label",
+                    help="sign of r: the response's label (the paper's, default) or each token's "
+                         "log pi_pos - log pi_neg (a bad token in a chosen response is penalised)")
     rw.add_argument("--template", choices=("auto", "chat", "plain"), default="auto",
                     help="prompt format: the chat template if the tokenizer has one (auto), or force one "
                          "(default: auto)")
@@ -148,6 +153,7 @@ def config_from_args(args):
     dims = [Dimension.parse(s, args.positive, args.negative) for s in args.dimension] or \
         [Dimension("default", args.positive, args.negative)]
     return RewardsConfig(dimensions=dims, main_dimension=args.main_dimension, theta=args.theta, eps=args.eps,
+                         reward_sign=args.reward_sign,
                          shard_size=args.shard_size, skip_bad_rows=args.skip_bad_rows, template=args.template,
                          append_eos=args.append_eos, split=args.split, num_proc=args.num_proc)
 

@@ -54,7 +54,8 @@ def reward_columns(table: pa.Table, config) -> pa.Table:
             offsets = pos.offsets.to_numpy().astype(np.int64)
             offsets = offsets - offsets[0]
             lp, ln = pos.flatten().to_numpy(), neg.flatten().to_numpy()
-            tr = ragged_token_rewards(lp, ln, offsets, np.full(len(pos), sign), config.theta, config.eps)
+            tr = ragged_token_rewards(lp, ln, offsets, np.full(len(pos), sign), config.theta, config.eps,
+                                      sign=config.reward_sign)
             per_dim[f"{side}_rewards_{d.name}"] = _list(offsets, tr.rewards)
             per_dim[f"{side}_S_{d.name}"] = _list(offsets, tr.S)
             per_dim[f"{side}_delta_{d.name}"] = _list(offsets, tr.delta)
@@ -112,7 +113,7 @@ def finalise(out: Path, shard_paths: list[Path], config, run: dict, rows_in: int
         "tokens": main["tokens"], "tokens_chosen": main["chosen"]["tokens"],
         "tokens_rejected": main["rejected"]["tokens"], "fraction_rewarded": main["fraction_rewarded"],
         "mean_abs_reward": main["mean_abs_reward"], "main_dimension": config.main_dimension,
-        "theta": config.theta, "eps": config.eps, "dimensions": stats, **run,
+        "theta": config.theta, "eps": config.eps, "reward_sign": config.reward_sign, "dimensions": stats, **run,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     del final, ds, shards
@@ -131,6 +132,7 @@ class RewardsConfig:
     main_dimension: str | None = None
     theta: float = THETA
     eps: float = EPS
+    reward_sign: str = "label"  # "label": the paper's sign(y); "patient": sign(log pi_pos - log pi_neg) [D]
     shard_size: int = 500
     skip_bad_rows: bool = False
     template: str = "auto"

@@ -48,13 +48,21 @@ def token_rewards(logp_pos, logp_neg, sign: float, theta: float = THETA, eps: fl
     return ragged_token_rewards(lp, ln, np.array([0, lp.size]), np.array([sign], dtype=np.float64), theta, eps)
 
 
+SIGNS = ("label", "patient")
+
+
 def ragged_token_rewards(logp_pos, logp_neg, offsets, signs, theta: float = THETA,
-                         eps: float = EPS) -> TokenRewards:
+                         eps: float = EPS, sign: str = "label") -> TokenRewards:
     """Rewards of many responses at once: flat token arrays, response ``i`` is ``offsets[i]:offsets[i+1]``.
 
     ``signs[i]`` is +1 for a chosen and −1 for a rejected response. Each response must have at
     least one token (the data checks guarantee it). Offsets need not start at 0 (arrow slices).
+    ``sign="label"`` is the paper's ``r = sign(y) · S``; ``"patient"`` [D] signs each token by
+    ``log π_pos − log π_neg`` instead (``r = sign(Δ_t) · S``, the label unused), so a salient bad
+    token inside a chosen response is penalised rather than rewarded.
     """
+    if sign not in SIGNS:
+        raise ValueError(f"reward sign must be one of {SIGNS}, got {sign!r}")
     offsets = np.asarray(offsets, dtype=np.int64)
     lp = np.asarray(logp_pos, dtype=np.float64)[offsets[0]:offsets[-1]]
     ln = np.asarray(logp_neg, dtype=np.float64)[offsets[0]:offsets[-1]]
@@ -69,7 +77,8 @@ def ragged_token_rewards(logp_pos, logp_neg, offsets, signs, theta: float = THET
     delta = np.abs(lp - ln)
     mean = np.add.reduceat(delta, offsets[:-1] - offsets[0]) / lengths
     S = np.tanh(delta / (np.repeat(mean, lengths) + eps))
-    rewards = np.where(S > theta, np.repeat(np.asarray(signs, dtype=np.float64), lengths) * S, 0.0)
+    direction = np.sign(lp - ln) if sign == "patient" else np.repeat(np.asarray(signs, dtype=np.float64), lengths)
+    rewards = np.where(S > theta, direction * S, 0.0)
     return TokenRewards(rewards, S, delta)
 
 

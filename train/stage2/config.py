@@ -40,6 +40,8 @@ class TFPOConfig(TrainingArguments):
                                        "lambda^(n-m)) or 'trajectory' (s_0 to s_L only; fits fastest on toys).",
                                 choices=list(WEIGHTINGS))
     subtb_lambda: float = _opt(0.9, "lambda of the 'lambda' weighting, in (0, 1].")
+    flow_target: str = _opt("reference", "log Q: 'reference' (sum r + log pi_ref, [D]) or 'absolute' (sum r).")
+    reward_scale: float = _opt(1.0, "TFPO fits reward_scale x Stage 1's rewards (a KL coefficient of 1/scale) [D].")
     max_length: int | None = _opt(1024, "Longest prompt+response in tokens; prompts are cut from the left "
                                          "first, then responses from the right.")
     value_head_inner_size: int | None = _opt(None, "Value head MLP width (default: the LM's hidden size).")
@@ -73,6 +75,8 @@ class TFPOConfig(TrainingArguments):
         super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"TFPOConfig: loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if self.flow_target not in ("reference", "absolute"):
+            raise ValueError(f"TFPOConfig: flow_target must be 'reference' or 'absolute', got {self.flow_target!r}")
         if self.subtb_weighting not in WEIGHTINGS:
             raise ValueError(f"TFPOConfig: subtb_weighting must be one of {WEIGHTINGS}, got {self.subtb_weighting!r}")
         if self.model_dtype not in ("float32", "bfloat16", "float16", "auto"):

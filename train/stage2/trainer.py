@@ -29,6 +29,7 @@ from llmdoctor_train.stage2.config import FIELDS, TFPOCollator, TFPOConfig
 from llmdoctor_train.stage2.model_card import write_model_card
 from llmdoctor_train.stage2.loss import (apply_boundary, genarm_loss, prefix_log_q, subtb_loss,
                                         value_discrimination_loss)
+from llmdoctor_train.stage2.reference import FrozenReference, logratio_metrics, reference_logp, start_at_reference
 
 logger = logging.getLogger(__name__)
 
@@ -104,12 +105,17 @@ def check_resume_checkpoint(path: str | os.PathLike, *, lora: bool, head: ValueH
         raise ResumeCheckpointError(path, f"missing, corrupt or mis-shaped {VALUE_HEAD_NAME}: {e}") from None
 
 
-def tfpo_objective(logp: torch.Tensor, log_v: torch.Tensor, inputs: dict, args: "TFPOConfig"):
+def tfpo_objective(logp: torch.Tensor, log_v: torch.Tensor, inputs: dict, args: "TFPOConfig",
+                   ref_logp: torch.Tensor | None = None):
     """TFPO's loss on a collated batch (B chosen rows, then their B rejected rows): SubTB with the
-    configured weighting + ``lam`` x value discrimination; returns ``(loss, metrics)``."""
-    mask, rewards, ids = inputs["response_mask"], inputs["rewards"], inputs["response_ids"]
+    configured weighting + ``lam`` x value discrimination; returns ``(loss, metrics)``.
+
+    With ``ref_logp`` (``log pi_ref`` per token) the prefix score is the reference-relative one,
+    ``log Q(s_t) = sum_{k<=t} (r_k + log pi_ref(y_k))`` [D]; without it, the paper's ``sum r_k``."""
+    mask, ids = inputs["response_mask"], inputs["response_ids"]
+    rewards = inputs["rewards"] * getattr(args, "reward_scale", 1.0)
     B = mask.shape[0] // 2
-    log_q = prefix_log_q(rewards, mask)
+    log_q = prefix_log_q(rewards if ref_logp is None else rewards + ref_logp, mask)
     log_v = apply_boundary(log_v, mask)
     subtb = subtb_loss(logp, log_q, log_v, mask, weighting=args.subtb_weighting, lam=args.subtb_lambda)
     value = value_discrimination_loss(log_v[:B], log_v[B:], rewards[:B], rewards[B:], mask[:B], mask[B:],
@@ -124,10 +130,13 @@ class TFPOTrainer(Trainer):
 
     ``model`` is a causal LM or its path; with ``peft_config`` it is wrapped by
     ``peft.get_peft_model``. ``reference_model`` names a full doctor's starting weights for
-    the delta rule (default: ``model``'s own path). The value head becomes a submodule
-    (``llmdoctor_value_head``) of the model object it trains. Logged metrics: ``subtb``, ``value_loss``,
-    ``flow_residual`` (mean ``|delta(0, n)|``), ``pairs_ranked_right`` (fraction with
-    ``sum log pi(y+) - sum log pi(y-) > 0``) and ``logp_margin``.
+    the delta rule and, with ``flow_target="reference"``, TFPO's frozen ``pi_ref`` (default:
+    ``model``'s own path; a LoRA doctor's ``pi_ref`` is its adapter disabled). The value head becomes
+    a submodule (``llmdoctor_value_head``) of the model object it trains. Logged metrics: ``subtb``,
+    ``value_loss``, ``flow_residual`` (mean ``|delta(0, n)|``), ``pairs_ranked_right`` (fraction with
+    ``sum log pi(y+) - sum log pi(y-) > 0``; of ``log pi - log pi_ref`` with the reference target),
+    ``logp_margin``, ``stage1_target`` (``sum r(y+) - sum r(y-)``) and, with the reference target,
+    ``logratio_margin`` (the margin of ``log pi - log pi_ref``, which TFPO fits to ``stage1_target``).
     """
 
     def __init__(self, model, args: TFPOConfig | None = None, train_dataset=None, eval_dataset=None,
@@ -164,6 +173,8 @@ class TFPOTrainer(Trainer):
         if args.learning_rate is None:
             args.learning_rate = 5e-4 if self.is_lora else 5e-5
         self.value_head = value_head or ValueHead(_hidden_size(config), args.value_head_inner_size)
+        if value_head is None and args.flow_target == "reference":
+            start_at_reference(self.value_head)
         self.value_head.requires_grad_(args.loss_type == "tfpo")  # GenARM does not use the head
         model.add_module(HEAD_MODULE, self.value_head)  # so optimizer, clipping and DDP include it
         for split in (train_dataset, eval_dataset):
@@ -222,8 +233,16 @@ class TFPOTrainer(Trainer):
         margin = sum_logp[:B] - sum_logp[B:]
         metrics = {"pairs_ranked_right": (margin > 0).float().mean(), "logp_margin": margin.mean()}
         if tfpo:
-            loss, tfpo_metrics = tfpo_objective(logp, log_v, inputs, args)
-            metrics.update(tfpo_metrics)
+            ref_logp = None
+            if args.flow_target == "reference":  # [D] pi_ref: adapter off (LoRA) or a frozen copy (full)
+                unwrapped = self.accelerator.unwrap_model(model)
+                if not self.is_lora and getattr(self, "_frozen_reference", None) is None:
+                    self._frozen_reference = FrozenReference(unwrapped, self.reference_path)
+                ref_logp = reference_logp(unwrapped, getattr(self, "_frozen_reference", None), inputs,
+                                          lambda m, x: self._response_terms(m, x, need_values=False)[0])
+            loss, tfpo_metrics = tfpo_objective(logp, log_v, inputs, args, ref_logp)
+            target = inputs["rewards"] * args.reward_scale  # what TFPO fits the log-ratio margin to
+            metrics.update(tfpo_metrics, **logratio_metrics(logp, ref_logp, target, mask))
         else:
             loss = genarm_loss(sum_logp[:B], sum_logp[B:], beta_r=args.genarm_beta)
             metrics["genarm_loss"] = loss
@@ -278,7 +297,8 @@ class TFPOTrainer(Trainer):
         args: TFPOConfig = self.args
         extra = {"loss_type": args.loss_type, "global_step": self.state.global_step}
         if args.loss_type == "tfpo":
-            extra.update(subtb_weighting=args.subtb_weighting, lam=args.lam, gamma=args.gamma)
+            extra.update(subtb_weighting=args.subtb_weighting, lam=args.lam, gamma=args.gamma,
+                         flow_target=args.flow_target, reward_scale=args.reward_scale)
         with _head_detached(model):
             save_doctor(output_dir, model, self.processing_class, self.value_head,
                         trained_for=args.trained_for or args.loss_type,

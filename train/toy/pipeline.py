@@ -76,14 +76,16 @@ def rewards_command(data: str | Path, patient: str, output: str | Path) -> list[
 
 def train_command(rewards: str | Path, patient: str, output: str | Path, *, steps: int = 300,
                   learning_rate: float = 5e-4, weighting: str = "trajectory", loss_type: str = "tfpo",
-                  trained_for: str = "toy: good words") -> list[str]:
-    """The ``llmdoctor train`` arguments of a LoRA (r = 8) doctor on the patient's weights.
+                  trained_for: str = "toy: good words", seed: int = 42, extra=()) -> list[str]:
+    """The ``llmdoctor train`` arguments of a LoRA (r = 8) doctor on the patient's weights
+    (``extra``: more ``llmdoctor train`` arguments, appended, so they override).
 
     Full-trajectory SubTB fitted best on this toy (all pairs fit slowly, as METHOD reports)."""
     return ["train", "--rewards", str(rewards), "--model", patient, "--output", str(output), "--lora-r", "8",
             "--max-steps", str(steps), "--batch-size", "8", "--warmup-steps", str(min(20, steps // 5)),
             "--learning-rate", str(learning_rate), "--subtb-weighting", weighting, "--loss-type", loss_type,
-            "--logging-steps", "50", "--save-steps", "100000", "--report-to", "none", "--trained-for", trained_for]
+            "--logging-steps", "50", "--save-steps", "100000", "--report-to", "none", "--trained-for", trained_for,
+            "--seed", str(seed), *extra]
 
 
 def run_llmdoctor(argv: list[str], *, threads: int | None = 1, echo: bool = False) -> None:
@@ -115,20 +117,22 @@ def eval_prompts(n: int) -> list[str]:
     return [world.format_prompt(p) for p in world.toy_prompts(n, seed=EVAL_SEED)]
 
 
-def sampling_params(i: int, extra: dict | None = None, *, n: int = 1, max_tokens: int = MAX_TOKENS):
-    """Request ``i``'s sampling: temperature 1, one line, seeded by its index so every setting
-    draws the same randomness (differences come from guidance)."""
+def sampling_params(i: int, extra: dict | None = None, *, n: int = 1, max_tokens: int = MAX_TOKENS,
+                    offset: int = 0):
+    """Request ``i``'s sampling: temperature 1, one line, seeded by its index (plus ``offset``, a
+    sampling seed) so every setting draws the same randomness (differences come from guidance)."""
     from vllm import SamplingParams
 
     # vLLM seeds the n samples of a request seed, seed + 1, ...: keep prompts' seed ranges disjoint
-    seed = SAMPLE_SEED + i if n == 1 else MULTI_SEED + 1000 * i
+    seed = (SAMPLE_SEED + i if n == 1 else MULTI_SEED + 1000 * i) + 10_000_000 * offset
     return SamplingParams(max_tokens=max_tokens, temperature=1.0, seed=seed, n=n, stop=[world.STOP],
                           extra_args=extra)
 
 
-def generate(llm, prompts: list[str], extra: dict | None = None, *, n: int = 1, max_tokens: int = MAX_TOKENS):
+def generate(llm, prompts: list[str], extra: dict | None = None, *, n: int = 1, max_tokens: int = MAX_TOKENS,
+             offset: int = 0):
     """Every prompt once (``n`` samples each) with request arguments ``extra``; vLLM's outputs."""
-    params = [sampling_params(i, extra, n=n, max_tokens=max_tokens) for i in range(len(prompts))]
+    params = [sampling_params(i, extra, n=n, max_tokens=max_tokens, offset=offset) for i in range(len(prompts))]
     return llm.generate(prompts, params, use_tqdm=False)
 
 

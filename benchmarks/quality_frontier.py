@@ -1,0 +1,194 @@
+"""The fluent frontier of the quality benchmark, over seeds.
+
+Per method and diversity level: the best held-out reward among the method's points with >= 90%
+well-formed replies and distinct-2 >= 0.30 / 0.25 / 0.20, in each seed's ``quality*.json``; then
+the mean, standard deviation and range over seeds. Reply length sits beside reward: the task
+reward counts words, so a longer reply can earn more. ``length_part`` is the part of a point's
+gain over the patient that its extra length explains at its own reward density
+(``R - R * W_patient / W``); ``length_share`` is that part over the whole gain.
+
+    python -m benchmarks.quality_frontier benchmarks/results/quality_s*.json --name quality_seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+LEVELS = (0.30, 0.25, 0.20)
+WELLFORMED = 0.9
+ROWS = {"llmdoctor": ("llmdoctor_product", "llmdoctor_delta"), "llmdoctor_product": ("llmdoctor_product",),
+        "llmdoctor_delta": ("llmdoctor_delta",), "genarm": ("genarm_product", "genarm_delta"),
+        "genarm_product": ("genarm_product",), "genarm_delta": ("genarm_delta",), "args": ("args",),
+        "best_of_16": ("best_of_16",), "aisp": ("aisp",)}
+LABELS = {"llmdoctor": "LLMdoctor (TFPO), best rule", "llmdoctor_product": "LLMdoctor (TFPO), product",
+          "llmdoctor_delta": "LLMdoctor (TFPO), delta", "genarm": "GenARM, best rule",
+          "genarm_product": "GenARM, product", "genarm_delta": "GenARM, delta", "args": "ARGS (oracle RM)",
+          "best_of_16": "best-of-16 (oracle RM)", "aisp": "AISP (oracle RM)"}
+
+
+def best_point(points: list[dict], level: float, wellformed: float = WELLFORMED) -> dict | None:
+    """The highest-reward point with ``wellformed`` >= the bar and ``distinct_2 >= level``, or None."""
+    ok = [p for p in points if p["wellformed"] >= wellformed and p["distinct_2"] >= level]
+    return max(ok, key=lambda p: p["reward"], default=None)
+
+
+def length_terms(point: dict, patient: dict) -> dict:
+    """Reward, words, and how much of the gain over the patient the extra length explains."""
+    r, w, rp, wp = point["reward"], point["mean_words"], patient["reward"], patient["mean_words"]
+    part = r - r * wp / w if w > 0 else 0.0
+    gain = r - rp
+    return {"reward": r, "mean_words": w, "distinct_2": point["distinct_2"], "wellformed": point["wellformed"],
+            "setting": point["setting"], "reward_at_patient_length": r * wp / w if w > 0 else 0.0,
+            "length_part": part, "length_share": part / gain if gain > 0 else None}
+
+
+def frontier(result: dict, levels=LEVELS) -> dict:
+    """``{row: {level: length_terms(best point) or None}}`` of one benchmark result."""
+    methods, patient = result["methods"], result["methods"]["patient"][0]
+    out = {}
+    for row, names in ROWS.items():
+        pts = [p for m in names for p in methods.get(m, [])]
+        out[row] = {f"{lv:.2f}": (lambda b: b and length_terms(b, patient))(best_point(pts, lv)) for lv in levels}
+    out["patient"] = length_terms(patient, patient) | {"length_part": 0.0, "length_share": None}
+    return out
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=float)
+    if a.size == 0:
+        return {"n": 0}
+    return {"n": int(a.size), "mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+            "min": float(a.min()), "max": float(a.max())}
+
+
+def aggregate(fronts: list[dict], levels=LEVELS) -> dict:
+    """Mean and spread over seeds of each row's frontier reward, length and length share."""
+    out = {}
+    for row in ROWS:
+        out[row] = {}
+        for lv in (f"{x:.2f}" for x in levels):
+            pts = [f[row][lv] for f in fronts if f[row][lv]]
+            shares = [p["length_share"] for p in pts if p["length_share"] is not None]
+            out[row][lv] = {"reward": _stats([p["reward"] for p in pts]),
+                            "mean_words": _stats([p["mean_words"] for p in pts]),
+                            "reward_at_patient_length": _stats([p["reward_at_patient_length"] for p in pts]),
+                            "length_share": _stats(shares), "seeds_with_a_point": len(pts)}
+    out["patient"] = {k: _stats([f["patient"][k] for f in fronts]) for k in ("reward", "mean_words", "distinct_2")}
+    return out
+
+
+def targets(agg: dict, levels=LEVELS) -> dict:
+    """The issue's targets per level: LLMdoctor's mean (best rule per seed) >= GenARM's and >= best-of-16's."""
+    out = {}
+    for lv in (f"{x:.2f}" for x in levels):
+        ours = agg["llmdoctor"][lv]["reward"].get("mean")
+        gen = agg["genarm"][lv]["reward"].get("mean")
+        bo16 = agg["best_of_16"]["0.20"]["reward"].get("mean")  # best-of-16's fluent reward, whatever its distinct-2
+        out[lv] = {"llmdoctor": ours, "genarm": gen, "best_of_16": bo16,
+                   "ge_genarm": None if ours is None or gen is None else bool(ours >= gen),
+                   "ge_best_of_16": None if ours is None or bo16 is None else bool(ours >= bo16),
+                   "ratio_to_genarm": None if not ours or not gen else ours / gen}
+    return out
+
+
+def _cell(s: dict, words: dict) -> str:
+    if not s.get("n"):
+        return "—"
+    return f"{s['mean']:+.2f} ± {s['std']:.2f} ({s['min']:+.2f}…{s['max']:+.2f}; {words['mean']:.1f} w)"
+
+
+def markdown(agg: dict, levels=LEVELS) -> str:
+    """The frontier table (mean ± std (range; mean words) over seeds) and the length table."""
+    lv = [f"{x:.2f}" for x in levels]
+    head = "| method | " + " | ".join(f"distinct-2 ≥ {x}" for x in lv) + " |\n|---|" + "---|" * len(lv) + "\n"
+    rows = [f"| {LABELS[r]} | " + " | ".join(_cell(agg[r][x]["reward"], agg[r][x]["mean_words"]) for x in lv) + " |"
+            for r in ROWS]
+    share = lambda s: "—" if not s.get("n") else f"{s['mean']:.0%}"  # noqa: E731
+    at_len = lambda s: "—" if not s.get("n") else f"{s['mean']:+.2f}"  # noqa: E731
+    rows2 = [f"| {LABELS[r]} | " + " | ".join(f"{at_len(agg[r][x]['reward_at_patient_length'])} / "
+                                               f"{share(agg[r][x]['length_share'])}" for x in lv) + " |"
+             for r in ROWS]
+    p = agg["patient"]
+    return (head + "\n".join(rows) + f"\n\nPatient: {p['reward']['mean']:+.2f}, {p['mean_words']['mean']:.1f} words, "
+            f"distinct-2 {p['distinct_2']['mean']:.3f}.\n\nReward at the patient's length (R × W_patient / W) / share "
+            "of the gain over the patient that the extra length explains:\n\n" + head + "\n".join(rows2) + "\n")
+
+
+def plot(results: list[dict], path: Path) -> None:
+    """Reward vs distinct-2 of every fluent point (>= 90% well-formed), one colour per method, one marker per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.common import save_figure
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    names = [r for r in ROWS if len(ROWS[r]) == 1]
+    for s, res in enumerate(results):
+        for i, row in enumerate(names):
+            pts = sorted((p for p in res["methods"].get(ROWS[row][0], []) if p["wellformed"] >= WELLFORMED),
+                         key=lambda p: p["distinct_2"])
+            ax.plot([p["distinct_2"] for p in pts], [p["reward"] for p in pts], "osd^v"[s % 5] + "-", color=f"C{i}",
+                    lw=0.8, ms=4, alpha=0.8, label=LABELS[row] if s == 0 else None)
+    for lv in LEVELS:
+        ax.axvline(lv, color="grey", ls=":", lw=1)
+    ax.set_xlabel("distinct-2 (points with >= 90% well-formed replies; markers: seeds)")
+    ax.set_ylabel("mean held-out task reward")
+    ax.set_xlim(0.15, 0.37)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def merge_tfpo(base: dict, variant: dict) -> dict:
+    """``base`` with its LLMdoctor points (and TFPO settings) taken from ``variant``, a --tfpo-only run of
+    the same seeds; the patient's point must match, so both decoded the same prompts with the same seeds."""
+    keys = ("train_seed", "sample_seed", "n_eval", "max_tokens")
+    if any(base["settings"][k] != variant["settings"][k] for k in keys) or \
+            base["methods"]["patient"][0]["reward"] != variant["methods"]["patient"][0]["reward"]:
+        raise SystemExit(f"quality_frontier: {variant['command']!r} does not match {base['command']!r}")
+    methods = base["methods"] | {m: variant["methods"][m] for m in ("llmdoctor_product", "llmdoctor_delta")}
+    settings = base["settings"] | {k: variant["settings"][k] for k in ("tfpo_arg", "tag", "reward_sign")}
+    return base | {"methods": methods, "settings": settings}
+
+
+def main(argv=None) -> dict:
+    """Reads seed results, writes ``<name>.json``, ``<name>.md`` and ``<name>.png``."""
+    from benchmarks.common import RESULTS, command_line, write_results
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("results", nargs="+", help="quality*.json files, one per seed")
+    p.add_argument("--tfpo-from", nargs="+", metavar="JSON",
+                   help="per seed, a --tfpo-only run whose TFPO points replace those of RESULTS (same order, "
+                        "same seeds): a TFPO variant against the same baselines without decoding them again")
+    p.add_argument("--output-dir", default=str(RESULTS))
+    p.add_argument("--name", default="quality_seeds")
+    args = p.parse_args(argv)
+    results = [json.loads(Path(f).read_text()) for f in args.results]
+    if args.tfpo_from:
+        results = [merge_tfpo(r, json.loads(Path(f).read_text())) for r, f in zip(results, args.tfpo_from, strict=True)]
+    fronts = [frontier(r) for r in results]
+    agg = aggregate(fronts)
+    payload = {"sources": args.results, "tfpo_from": args.tfpo_from, "wellformed_min": WELLFORMED, "levels": LEVELS,
+               "seeds": [{k: r["settings"].get(k) for k in ("train_seed", "sample_seed", "tfpo_arg", "tag",
+                                                            "reward_sign")}
+                         for r in results],
+               "aggregate": agg, "targets": targets(agg), "per_seed": fronts}
+    out = Path(args.output_dir)
+    write_results(args.name, payload, out, command_line(__file__, argv), indent=1)
+    md = markdown(agg)
+    (out / f"{args.name}.md").write_text(f"# The fluent frontier over seeds\n\n`{command_line(__file__, argv)}`\n\n"
+                                         + md + f"\nTargets: {json.dumps(payload['targets'])}\n")
+    plot(results, out / f"{args.name}.png")
+    print(md)
+    print(json.dumps(payload["targets"], indent=1))
+    return payload
+
+
+if __name__ == "__main__":
+    main()
