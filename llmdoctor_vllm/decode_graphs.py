@@ -137,7 +137,7 @@ class StaticDecode:
     @torch.inference_mode()
     def _forward(self, buf: _Buffers) -> None:
         """The decoder over the bucket's static buffers; writes ``buf.hidden`` and ``buf.logprobs``."""
-        from llmdoctor_vllm.runner import _norm
+        from llmdoctor_vllm.runner import _norm, layer_mlp, layer_queries
 
         r = self.runner
         d = r.dec
@@ -145,39 +145,21 @@ class StaticDecode:
         h = d.embed(buf.ids)
         cos, sin = r.cos[buf.pos][None], r.sin[buf.pos][None]
         on = buf.on.to(h.dtype)[:, None]
-        nq, nkv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+        nq = d.num_heads * d.head_dim
+
+        def lin(module, x):
+            return _masked_linear(module, x, on)
+
         for li, layer in enumerate(d.layers):
             attn = layer.self_attn
-            x = _norm(layer.input_layernorm, h)
-            if d.fused is not None:
-                q, k, v = F.linear(x, d.fused[li][0], d.fused[li][1]).split([nq, nkv, nkv], dim=-1)
-            else:
-                q, k, v = (_masked_linear(attn.q_proj, x, on), _masked_linear(attn.k_proj, x, on),
-                           _masked_linear(attn.v_proj, x, on))
-            q = q.reshape(B, d.num_heads, d.head_dim)
-            k = k.reshape(B, d.num_kv_heads, d.head_dim)
-            if hasattr(attn, "q_norm"):
-                q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
-            q, k = d.apply_rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
-            pool_k, pool_v = r.kv[li, 0], r.kv[li, 1]
-            pool_k.index_copy_(0, buf.write, k[0].transpose(0, 1))
-            pool_v.index_copy_(0, buf.write, v.reshape(B, d.num_kv_heads, d.head_dim))
+            q = layer_queries(d, li, layer, h, cos, sin, r.kv[li], buf.write, lin)  # [B, heads, hd]
             rows = buf.read.view(-1)
-            keys = pool_k.index_select(0, rows).view(B, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
-            vals = pool_v.index_select(0, rows).view(B, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q[0].transpose(0, 1)[:, :, None], keys, vals, attn_mask=buf.mask,
+            keys = r.kv[li, 0].index_select(0, rows).view(B, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
+            vals = r.kv[li, 1].index_select(0, rows).view(B, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q[:, :, None], keys, vals, attn_mask=buf.mask,
                                                scale=attn.scaling, enable_gqa=d.num_heads != d.num_kv_heads)
-            h = h + _masked_linear(attn.o_proj, o.reshape(B, nq), on)
-            x = _norm(layer.post_attention_layernorm, h)
-            mlp = layer.mlp
-            if d.fused is not None:
-                gate, up = F.linear(x, d.fused[li][2]).chunk(2, dim=-1)
-                h = h + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight)
-            elif not d.lora:
-                h = h + mlp(x)
-            else:
-                gate = mlp.act_fn(_masked_linear(mlp.gate_proj, x, on)) * _masked_linear(mlp.up_proj, x, on)
-                h = h + _masked_linear(mlp.down_proj, gate, on)
+            h = h + lin(attn.o_proj, o.reshape(B, nq))
+            h = h + layer_mlp(d, li, layer, h, lin)
         logits = _masked_linear(d.lm_head, _norm(d.norm, h), on)
         if buf.hidden is None:
             buf.hidden, buf.logprobs = torch.empty_like(h), torch.empty(logits.shape, device=h.device)

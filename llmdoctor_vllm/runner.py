@@ -141,6 +141,39 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
+def layer_queries(d: _Decoder, li: int, layer, h, cos, sin, pool, write, lin):
+    """Layer ``li`` on hidden states ``h`` ``[T, hidden]``: writes the tokens' rotated keys and values to
+    ``pool`` (``[2, rows, kv_heads, head_dim]``) at rows ``write``; returns the rotated queries
+    ``[T, heads, head_dim]``. ``lin(module, x)`` runs a (possibly LoRA) projection."""
+    attn, T = layer.self_attn, h.shape[0]
+    nq, nkv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+    x = _norm(layer.input_layernorm, h)
+    if d.fused is not None:
+        q, k, v = F.linear(x, d.fused[li][0], d.fused[li][1]).split([nq, nkv, nkv], dim=-1)
+    else:
+        q, k, v = lin(attn.q_proj, x), lin(attn.k_proj, x), lin(attn.v_proj, x)
+    q = q.reshape(T, d.num_heads, d.head_dim)
+    k = k.reshape(T, d.num_kv_heads, d.head_dim)
+    if hasattr(attn, "q_norm"):
+        q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
+    q, k = d.apply_rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
+    pool[0].index_copy_(0, write, k[0].transpose(0, 1))
+    pool[1].index_copy_(0, write, v.reshape(T, d.num_kv_heads, d.head_dim))
+    return q[0].transpose(0, 1)
+
+
+def layer_mlp(d: _Decoder, li: int, layer, h, lin):
+    """Layer ``li``'s MLP branch on ``h`` (after its norm), to be added to ``h``."""
+    x = _norm(layer.post_attention_layernorm, h)
+    mlp = layer.mlp
+    if d.fused is not None:
+        gate, up = F.linear(x, d.fused[li][2]).chunk(2, dim=-1)
+        return F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight)
+    if not d.lora:
+        return mlp(x)
+    return lin(mlp.down_proj, mlp.act_fn(lin(mlp.gate_proj, x)) * lin(mlp.up_proj, x))
+
+
 # Keys are read in lengths rounded up to this many tokens on CUDA: SDPA's cuDNN backend plans per
 # shape, and an exact key length grows by one every step (measured on an H100: 1.4 ms of host
 # time per layer per step, re-planning). Rounded, a plan serves this many steps.
@@ -292,24 +325,15 @@ class DoctorRunner:
         groups = [_GroupTensors.of(g, dev) for g in p.groups]
         h = d.embed(ids)
         cos, sin = self.cos[pos_t][None], self.sin[pos_t][None]
-        nq, nkv = d.num_heads * d.head_dim, d.num_kv_heads * d.head_dim
+        nq = d.num_heads * d.head_dim
+
+        def lin(module, x):
+            return _linear(module, x, on_rows)
+
         for li, layer in enumerate(d.layers):
             attn = layer.self_attn
-            x = _norm(layer.input_layernorm, h)
-            if d.fused is not None:
-                q, k, v = F.linear(x, d.fused[li][0], d.fused[li][1]).split([nq, nkv, nkv], dim=-1)
-            else:
-                q, k, v = (_linear(attn.q_proj, x, on_rows), _linear(attn.k_proj, x, on_rows),
-                           _linear(attn.v_proj, x, on_rows))
-            q = q.reshape(P, d.num_heads, d.head_dim)
-            k = k.reshape(P, d.num_kv_heads, d.head_dim)
-            if hasattr(attn, "q_norm"):
-                q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
-            q, k = d.apply_rope(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
-            q = q[0].transpose(0, 1)  # [P, heads, hd]
+            q = layer_queries(d, li, layer, h, cos, sin, self.kv[li], write_t, lin)  # [P, heads, hd]
             pool_k, pool_v = self.kv[li, 0], self.kv[li, 1]
-            pool_k.index_copy_(0, write_t, k[0].transpose(0, 1))
-            pool_v.index_copy_(0, write_t, v.reshape(P, d.num_kv_heads, d.head_dim))
             o = q.new_empty((P, nq)) if not (len(groups) == 1 and groups[0].identity) else None
             for g in groups:
                 out = self._attend(g, q, pool_k, pool_v, attn.scaling)
@@ -318,16 +342,7 @@ class DoctorRunner:
                 else:
                     o[g.scatter_to] = out[g.valid]
             h = h + _linear(attn.o_proj, o, on_rows)
-            x = _norm(layer.post_attention_layernorm, h)
-            mlp = layer.mlp
-            if d.fused is not None:
-                gate, up = F.linear(x, d.fused[li][2]).chunk(2, dim=-1)
-                h = h + F.linear(mlp.act_fn(gate) * up, mlp.down_proj.weight)
-            elif on_rows is None and not d.lora:
-                h = h + mlp(x)
-            else:
-                gate = mlp.act_fn(_linear(mlp.gate_proj, x, on_rows)) * _linear(mlp.up_proj, x, on_rows)
-                h = h + _linear(mlp.down_proj, gate, on_rows)
+            h = h + layer_mlp(d, li, layer, h, lin)
         return h
 
     def _attend(self, g: "_GroupTensors", q: torch.Tensor, pool_k, pool_v, scale) -> torch.Tensor:
