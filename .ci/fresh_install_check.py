@@ -15,10 +15,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def run(*argv):
     print("$ llmdoctor " + " ".join(argv), flush=True)
     p = subprocess.run([llmdoctor, *argv], capture_output=True, text=True)
-    if p.returncode < 0:  # killed by a signal: seen once as SIGABRT in vLLM's engine teardown at exit,
-        # after the command had written its output ("terminate called without an active exception")
-        print(f"llmdoctor {argv[0]} died by signal {-p.returncode}; running it once more", flush=True)
-        p = subprocess.run([llmdoctor, *argv], capture_output=True, text=True)
     if p.returncode:
         sys.exit(f"llmdoctor {argv[0]} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     print(p.stdout.strip().splitlines()[-1])

@@ -6,12 +6,30 @@ from collections.abc import Mapping, Sequence
 from os import PathLike
 
 
+def close_engine(llm) -> None:
+    """Shuts a ``vllm.LLM`` down now and waits for its output thread, so the process exits cleanly.
+
+    The multi-process client's output thread holds the last outputs it decoded (tensors made
+    with ``torch.frombuffer``). If it is still unwinding when the interpreter finalises, freeing
+    them aborts the process (SIGABRT, "terminate called without an active exception") after all
+    work is done; shutting down and joining the thread first avoids that.
+    """
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is None:
+        return
+    core.shutdown()
+    thread = getattr(core, "output_queue_thread", None)  # the multi-process client only
+    if thread is not None:
+        thread.join(timeout=30)
+
+
 class LLMdoctor:
     """A patient served by ``vllm.LLM`` and steered by one or more doctors.
 
     ``doctor_checkpoint`` is a checkpoint path or a ``{name: path}`` mapping; ``alpha`` and
     ``beta`` are the defaults of every request (``generate`` takes per-call overrides).
-    Other keyword arguments go to ``vllm.LLM``.
+    Other keyword arguments go to ``vllm.LLM``. Use it as a context manager (or call
+    ``close()``) to shut the engine down when done.
     """
 
     def __init__(self, patient_model: str | PathLike, doctor_checkpoint: str | PathLike | Mapping[str, str],
@@ -43,3 +61,13 @@ class LLMdoctor:
         outs = self.llm.generate(prompts, sp, **kwargs)
         texts = [o.outputs[0].text for o in outs]
         return texts[0] if single else texts
+
+    def close(self) -> None:
+        """Shuts the engine down (see ``close_engine``); the object is unusable afterwards."""
+        close_engine(self.llm)
+
+    def __enter__(self) -> LLMdoctor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -382,3 +382,29 @@ def test_module_help():
     for needle in ("--data", "--patient", "--output", "--dimension", "--theta", "--skip-bad-rows", "--shard-size",
                    "--max-model-len", "chosen_rewards"):
         assert needle in p.stdout
+
+
+_EXIT_PROBE = """
+import sys, threading
+from llmdoctor_train.cli import main
+main(sys.argv[1:])
+alive = [t.name for t in threading.enumerate() if t.name == "EngineCoreOutputQueueThread" and t.is_alive()]
+print("output threads alive:", alive)
+"""
+
+
+def test_cli_with_the_multiprocess_engine_stops_it_and_exits_cleanly(tmp_path, run, patient):
+    """`llmdoctor rewards` as users run it (vLLM's multi-process engine): the engine is shut down
+    and its output thread joined before exit; left to exit-time finalisers, the process was seen to
+    abort (SIGABRT) after writing its output."""
+    import os
+
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1", "TOKENIZERS_PARALLELISM": "false"}
+    p = subprocess.run([sys.executable, "-c", _EXIT_PROBE, "rewards", "--data", run["data"], "--patient", patient,
+                        "--output", str(tmp_path / "mp"), "--no-progress", "--enforce-eager", "--dtype", "float32",
+                        "--max-model-len", str(MAX_LEN), "--engine-arg", "kv_cache_memory_bytes=16777216",
+                        "--engine-arg", "max_num_seqs=8"],
+                       capture_output=True, text=True, env=env, timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "output threads alive: []" in p.stdout, p.stdout[-2000:]
+    assert json.loads((tmp_path / "mp" / "summary.json").read_text())["rows"] == len(ROWS)

@@ -209,6 +209,7 @@ def _compute(data, patient, output, config, llm, tokenizer, engine_kwargs, progr
 
     from llmdoctor_train.stage1.data import BadRowError, DataError, check_columns, load_preferences
     from llmdoctor_train.stage1.scoring import build_engine, engine_max_len, score_with_vllm
+    from llmdoctor_vllm.api import close_engine
     from llmdoctor_train.stage1.tokens import tokenize_preferences
     from llmdoctor_vllm.checkpoint import tokenizer_fingerprint
 
@@ -233,30 +234,35 @@ def _compute(data, patient, output, config, llm, tokenizer, engine_kwargs, progr
                 "template": formatter.mode,
                 "append_eos": config.append_eos, "instructions": instructions}
     todo = [p for p in plans if not shard_is_done(out / "shards" / f"{p.index:05d}", p, settings)]
-    if todo and llm is None:
+    own_engine = bool(todo) and llm is None
+    if own_engine:
         llm = build_engine(patient, **engine_kwargs)
-        if engine_max_len(llm) != max_len:  # the engine settled on another length: check the rows again
+    try:
+        if own_engine and engine_max_len(llm) != max_len:  # the engine settled on another length: check again
             max_len = engine_max_len(llm)
             plans, bad = plan_shards(tokens, n_ins, config.shard_size, max_len)
             raise_or_skip(bad, config.skip_bad_rows)
             todo = [p for p in plans if not shard_is_done(out / "shards" / f"{p.index:05d}", p, settings)]
-    todo_ids, scored = {p.index for p in todo}, 0
-    with tqdm(total=len(ds), unit="row", desc="Stage 1 rewards", disable=not progress) as bar:
-        bar.set_postfix(shards_to_score=len(todo), skipped_rows=len(bad))
-        for plan in plans:
-            if plan.index in todo_ids:
-                table = score_shard(tokens, plan, n_ins, lambda pairs: score_with_vllm(llm, pairs))
-                write_shard(out / "shards" / f"{plan.index:05d}", table, plan, settings)
-                scored += 1
-                bar.set_postfix(shards_to_score=len(todo) - scored, skipped_rows=len(bad))
-            bar.update(plan.stop - plan.start)
-    for stale in (out / "shards").glob("[0-9]" * 5):  # shards beyond the data's end (a shorter rerun)
-        if int(stale.name) >= len(plans):
-            shutil.rmtree(stale)
-    run = {"data": str(data) if isinstance(data, (str, Path)) else "<Dataset>", **settings,
-           "shards": len(plans), "shards_reused": len(plans) - len(todo), "shards_computed": len(todo),
-           "tokenizer_fingerprint": tokenizer_fingerprint(tok), "tokenizer_size": len(tok)}
-    kept = [out / "shards" / f"{p.index:05d}" for p in plans if p.rows]  # an empty saved shard does not load back
-    summary = finalise(out, kept, config, run, len(ds), bad)
+        todo_ids, scored = {p.index for p in todo}, 0
+        with tqdm(total=len(ds), unit="row", desc="Stage 1 rewards", disable=not progress) as bar:
+            bar.set_postfix(shards_to_score=len(todo), skipped_rows=len(bad))
+            for plan in plans:
+                if plan.index in todo_ids:
+                    table = score_shard(tokens, plan, n_ins, lambda pairs: score_with_vllm(llm, pairs))
+                    write_shard(out / "shards" / f"{plan.index:05d}", table, plan, settings)
+                    scored += 1
+                    bar.set_postfix(shards_to_score=len(todo) - scored, skipped_rows=len(bad))
+                bar.update(plan.stop - plan.start)
+        for stale in (out / "shards").glob("[0-9]" * 5):  # shards beyond the data's end (a shorter rerun)
+            if int(stale.name) >= len(plans):
+                shutil.rmtree(stale)
+        run = {"data": str(data) if isinstance(data, (str, Path)) else "<Dataset>", **settings,
+               "shards": len(plans), "shards_reused": len(plans) - len(todo), "shards_computed": len(todo),
+               "tokenizer_fingerprint": tokenizer_fingerprint(tok), "tokenizer_size": len(tok)}
+        kept = [out / "shards" / f"{p.index:05d}" for p in plans if p.rows]  # an empty saved shard does not load back
+        summary = finalise(out, kept, config, run, len(ds), bad)
+    finally:
+        if own_engine:  # not left to exit-time finalisers (see close_engine)
+            close_engine(llm)
     log.info("Stage 1 rewards written to %s: %s", out, {k: summary[k] for k in ("rows", "tokens", "rows_skipped")})
     return summary
