@@ -38,6 +38,9 @@ def main():
     for i, o in enumerate(outs):
         kind = ("plain", "guided greedy", "delta sampled")[i // 3]
         print(f"{kind:>15} | {o.prompt!r} -> {o.outputs[0].text!r}")
+    from llmdoctor_vllm.api import close_engine
+
+    close_engine(llm)  # shut the engine down now rather than in exit-time finalisers
 
 
 if __name__ == "__main__":
