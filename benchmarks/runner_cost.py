@@ -35,7 +35,7 @@ from benchmarks.common import save_figure
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default="qwen2.5-7b+1.5b", help="model pair shapes from benchmarks/common.py SHAPES")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64])
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048], help="cached tokens per request")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
@@ -45,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--doctor-cuda-graphs", action="store_true",
                    help="decode steps of the doctor over static buckets, captured as CUDA graphs on a GPU "
                         "(the plugin's cuda_graphs setting; never run on a GPU yet)")
+    p.add_argument("--no-patient-cuda-graphs", dest="patient_cuda_graphs", action="store_false",
+                   help="time the patient eagerly with a dynamic cache instead of its CUDA-graph decode step "
+                        "over a static cache (vLLM's way; on CPU the static step runs eagerly)")
     p.add_argument("--output", default="runner_cost", help="results name (a .json and a .png)")
     p.add_argument("--output-dir", default=None, help="where the results go (default: benchmarks/results)")
     return p.parse_args(argv)
@@ -97,8 +100,68 @@ def kernel_ms(fn, sync, repeats: int = 5) -> float | None:
     return us / repeats / 1000
 
 
-def patient_step(model, B, L, repeats, sync):
-    """Seconds per decode step of the patient with ``L`` tokens cached per row."""
+def static_decode_step(model, ids, capture: bool):
+    """The patient's decode step over a static KV cache holding ``ids`` ``[B, L]``: a function
+    returning the step's logits ``[B, 1, V]``, and whether it is a captured CUDA graph.
+
+    As vLLM runs its model: fixed shapes, captured once and replayed (``capture`` on CUDA). The
+    step always writes position ``L`` and attends over the ``L`` cached tokens plus the new one, so
+    every replay costs one decode step at that length. If capture fails the step runs eagerly
+    over the same static cache (and the result says so)."""
+    import torch
+    from transformers import StaticCache
+
+    import inspect
+
+    B, L = ids.shape
+    dev = ids.device
+    try:  # transformers >= 4.56 sizes the cache at its first write
+        cache = StaticCache(config=model.config, max_cache_len=L + 1)
+    except TypeError:
+        cache = StaticCache(config=model.config, max_batch_size=B, max_cache_len=L + 1, device=dev,
+                            dtype=next(model.parameters()).dtype)
+    # transformers 4.x places writes by cache_position; 5.x by each layer's device-side length
+    explicit = "cache_position" in inspect.signature(model.model.forward).parameters
+    model(input_ids=ids, past_key_values=cache, position_ids=torch.arange(L, device=dev)[None], use_cache=True,
+          logits_to_keep=1, **({"cache_position": torch.arange(L, device=dev)} if explicit else {}))
+    tok, pos = ids[:, -1:].clone(), torch.tensor([L], device=dev)
+    lengths = [layer.cumulative_length for layer in getattr(cache, "layers", ())
+               if isinstance(getattr(layer, "cumulative_length", None), torch.Tensor)]
+
+    def run():
+        for n in lengths:  # every call writes position L again (a device op, so it is captured too)
+            n.fill_(L)
+        return model(input_ids=tok, past_key_values=cache, position_ids=pos[None], use_cache=True,
+                     **({"cache_position": pos} if explicit else {})).logits
+
+    if not (capture and dev.type == "cuda"):
+        return run, False
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up on a side stream, as capture requires
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+    except Exception as e:  # noqa: BLE001 - reported, and the step is timed eagerly instead
+        print(f"patient CUDA-graph capture failed ({type(e).__name__}: {e}); timing it eagerly", flush=True)
+        torch.cuda.synchronize()
+        return run, False
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay, True
+
+
+def patient_step(model, B, L, repeats, sync, graphs: bool = True):
+    """``(seconds, kernel ms, captured)`` per decode step of the patient with ``L`` tokens cached per
+    row: captured in a CUDA graph over a static cache (``graphs``, as vLLM runs it), else eager
+    transformers with a dynamic cache."""
     import torch
     from transformers import DynamicCache
 
@@ -108,11 +171,14 @@ def patient_step(model, B, L, repeats, sync):
     # not cuDNN attention, which re-plans for every new key length (as DoctorRunner avoids it too)
     backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     with torch.inference_mode(), sdpa_kernel(backends):
+        if graphs:
+            fn, captured = static_decode_step(model, ids, capture=True)
+            return timed(fn, repeats, sync), kernel_ms(fn, sync), captured
         cache = DynamicCache()
         model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
         tok = ids[:, -1:]
         fn = lambda: model(input_ids=tok, past_key_values=cache, use_cache=True)  # noqa: E731
-        return timed(fn, repeats, sync), kernel_ms(fn, sync)
+        return timed(fn, repeats, sync), kernel_ms(fn, sync), False
 
 
 def doctor_step(model, B, L, repeats, sync, device, dtype, delta=False, graphs=False):
@@ -152,9 +218,9 @@ def main(argv=None):
     rows = []
     for L in args.lengths:
         for B in args.batch_sizes:
-            wall, kern = patient_step(patient, B, L, args.repeats, sync)
+            wall, kern, captured = patient_step(patient, B, L, args.repeats, sync, args.patient_cuda_graphs)
             rows.append({"batch_size": B, "cached_tokens": L, "patient_step_ms": 1000 * wall,
-                         "patient_kernel_ms": kern})
+                         "patient_kernel_ms": kern, "patient_captured": captured})
             print(rows[-1], flush=True)
     del patient
     torch.cuda.empty_cache() if args.device.startswith("cuda") else None
@@ -190,12 +256,25 @@ def main(argv=None):
     launch_us = 1e6 * timed(lambda: [x.add_(1) for _ in range(1000)], 3, sync) / 1000  # host cost per tiny op
     result = {"host_us_per_tiny_op": launch_us, "device": device_name() if args.device.startswith("cuda") else "cpu", "shapes": args.shapes,
               "dtype": args.dtype, "patient_gb": p_bytes / 1e9, "doctor_gb": d_bytes / 1e9, "limit_ratio": limit,
-              "note": "random-init weights; patient timed in transformers (eager), doctor with DoctorRunner (eager)",
+              "note": "random-init weights; patient: transformers' decode step over a static cache, captured as a "
+                      "CUDA graph where patient_cuda_graphs (else eager); doctor: DoctorRunner",
               "doctor_cuda_graphs": bool(args.doctor_cuda_graphs and args.device.startswith("cuda")),
-              "patient_cuda_graphs": False, "rows": rows}
+              "patient_cuda_graphs": bool(rows) and all(r["patient_captured"] for r in rows),
+              "targets": targets(rows, limit), "rows": rows}
     path = write_results(args.output, result, args.output_dir)
     plot(result, path.with_suffix(".png"))
     print("wrote", path)
+
+
+def targets(rows: list[dict], limit: float) -> dict:
+    """The GPU-speed issue's targets per row: no host time (``doctor_step_ms <= 1.2 x
+    doctor_kernel_ms``) and ``est_ratio >= 0.9 x limit_ratio``; None where kernel times are absent (CPU)."""
+    host = [None if not r.get("doctor_kernel_ms") else r["doctor_step_ms"] <= 1.2 * r["doctor_kernel_ms"] for r in rows]
+    ratio = [r["est_ratio"] >= 0.9 * limit for r in rows]
+    return {"doctor_step_le_1.2x_kernel": None if None in host else all(host),
+            "est_ratio_ge_0.9x_limit": all(ratio),
+            "rows_failing": [{"batch_size": r["batch_size"], "cached_tokens": r["cached_tokens"]}
+                             for r, h, q in zip(rows, host, ratio) if h is False or not q]}
 
 
 def plot(result, path):

@@ -41,3 +41,28 @@ def test_runner_cost_smallest(tmp_path):
     for r in result["rows"]:
         assert r["patient_step_ms"] > 0 and r["doctor_step_ms"] > 0 and r["doctor_delta_ms"] > 0
         assert 0 < r["est_ratio"] < 1
+        assert r["patient_captured"] is False  # CPU: the static step runs eagerly
+    assert result["patient_cuda_graphs"] is False and result["targets"]["doctor_step_le_1.2x_kernel"] is None
+
+
+def test_runner_cost_patient_static_step_equals_the_dynamic_cache_step():
+    """The patient step runner_cost times (static cache, what it captures on a GPU) computes the
+    same next-token logits as transformers' ordinary decode with a dynamic cache, at every call."""
+    import torch
+    from transformers import DynamicCache
+
+    from benchmarks.common import SHAPES
+    from benchmarks.runner_cost import build, static_decode_step
+
+    model = build(SHAPES["tiny"][0], "cpu", torch.float32, 0)
+    ids = torch.randint(2, 300, (3, 20))
+    with torch.inference_mode():
+        step, captured = static_decode_step(model, ids, capture=True)
+        cache = DynamicCache()
+        model(input_ids=ids, past_key_values=cache, use_cache=True)
+        ref = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits
+        full = model(input_ids=torch.cat([ids, ids[:, -1:]], dim=1)).logits[:, -1:]
+        for _ in range(2):  # a replayed step rewrites the same position: same result each time
+            torch.testing.assert_close(step(), ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ref, full, rtol=1e-4, atol=1e-4)
+    assert captured is False  # no CUDA here
