@@ -92,6 +92,15 @@ def test_reference_target_equals_brute_force(weighting):
     want = brute_subtb(logp.tolist(), (2.5 * rewards).tolist(), log_v.tolist(), lengths, weighting, lam=0.7,
                        ref=ref.tolist())
     assert scaled.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    # reference_weight kappa: log Q = sum (c r + kappa log pi_ref); kappa = 0 is the absolute target
+    for kappa in (0.5, 0.0):
+        args.reward_scale, args.reference_weight = 1.0, kappa
+        weighted, _ = tfpo_objective(logp, log_v, inputs, args, ref_logp=ref)
+        want = brute_subtb(logp.tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, lam=0.7,
+                           ref=(kappa * ref).tolist())
+        assert weighted.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
+    absolute, _ = tfpo_objective(logp, log_v, inputs, args, ref_logp=None)
+    assert weighted.item() == pytest.approx(absolute.item(), rel=1e-10, abs=1e-12)
 
 
 def test_subtb_lambda_one_is_all_pairs_and_padding_is_inert():
@@ -503,3 +512,10 @@ def test_cli_refuses_a_foreign_tokenizer_or_architecture_before_training(toy, tm
     with pytest.raises(SystemExit, match="unsupported doctor architecture GPT2LMHeadModel"):
         main(["train", "--rewards", _rewards_dir(tmp_path / "rw2"), "--model", gpt2, "--output", str(out)])
     assert not out.exists()  # refused before anything was trained or written
+
+
+def test_reference_weight_outside_zero_one_is_refused(tmp_path):
+    from llmdoctor_train.stage2.config import TFPOConfig
+
+    with pytest.raises(ValueError, match="reference_weight must be in"):
+        TFPOConfig(output_dir=str(tmp_path), reference_weight=1.5, use_cpu=True, report_to="none")

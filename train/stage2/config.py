@@ -42,6 +42,9 @@ class TFPOConfig(TrainingArguments):
     subtb_lambda: float = _opt(0.9, "lambda of the 'lambda' weighting, in (0, 1].")
     flow_target: str = _opt("reference", "log Q: 'reference' (sum r + log pi_ref, [D]) or 'absolute' (sum r).")
     reward_scale: float = _opt(1.0, "TFPO fits reward_scale x Stage 1's rewards (a KL coefficient of 1/scale) [D].")
+    reference_weight: float = _opt(1.0, "kappa in log Q = sum (r + kappa log pi_ref) with flow_target='reference': "
+                                        "the doctor's terminal distribution is pi_ref^kappa exp(sum r), 1 the "
+                                        "reference-relative target, 0 the paper's absolute one [D].")
     max_length: int | None = _opt(1024, "Longest prompt+response in tokens; prompts are cut from the left "
                                          "first, then responses from the right.")
     value_head_inner_size: int | None = _opt(None, "Value head MLP width (default: the LM's hidden size).")
@@ -75,6 +78,8 @@ class TFPOConfig(TrainingArguments):
         super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"TFPOConfig: loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
+        if not 0.0 <= self.reference_weight <= 1.0:
+            raise ValueError(f"TFPOConfig: reference_weight must be in [0, 1], got {self.reference_weight}")
         if self.flow_target not in ("reference", "absolute"):
             raise ValueError(f"TFPOConfig: flow_target must be 'reference' or 'absolute', got {self.flow_target!r}")
         if self.subtb_weighting not in WEIGHTINGS:

@@ -111,11 +111,13 @@ def tfpo_objective(logp: torch.Tensor, log_v: torch.Tensor, inputs: dict, args: 
     configured weighting + ``lam`` x value discrimination; returns ``(loss, metrics)``.
 
     With ``ref_logp`` (``log pi_ref`` per token) the prefix score is the reference-relative one,
-    ``log Q(s_t) = sum_{k<=t} (r_k + log pi_ref(y_k))`` [D]; without it, the paper's ``sum r_k``."""
+    ``log Q(s_t) = sum_{k<=t} (r_k + kappa log pi_ref(y_k))`` [D] (``kappa``: ``reference_weight``);
+    without it, the paper's ``sum r_k``."""
     mask, ids = inputs["response_mask"], inputs["response_ids"]
     rewards = inputs["rewards"] * getattr(args, "reward_scale", 1.0)
     B = mask.shape[0] // 2
-    log_q = prefix_log_q(rewards if ref_logp is None else rewards + ref_logp, mask)
+    kappa = getattr(args, "reference_weight", 1.0)
+    log_q = prefix_log_q(rewards if ref_logp is None else rewards + kappa * ref_logp, mask)
     log_v = apply_boundary(log_v, mask)
     subtb = subtb_loss(logp, log_q, log_v, mask, weighting=args.subtb_weighting, lam=args.subtb_lambda)
     value = value_discrimination_loss(log_v[:B], log_v[B:], rewards[:B], rewards[B:], mask[:B], mask[B:],
@@ -298,7 +300,8 @@ class TFPOTrainer(Trainer):
         extra = {"loss_type": args.loss_type, "global_step": self.state.global_step}
         if args.loss_type == "tfpo":
             extra.update(subtb_weighting=args.subtb_weighting, lam=args.lam, gamma=args.gamma,
-                         flow_target=args.flow_target, reward_scale=args.reward_scale)
+                         flow_target=args.flow_target, reward_scale=args.reward_scale,
+                         reference_weight=args.reference_weight)
         with _head_detached(model):
             save_doctor(output_dir, model, self.processing_class, self.value_head,
                         trained_for=args.trained_for or args.loss_type,
