@@ -20,6 +20,7 @@ import numpy as np
 
 LEVELS = (0.30, 0.25, 0.20)
 WELLFORMED = 0.9
+SWEEPS = ("llmdoctor_product", "llmdoctor_delta", "genarm_product", "genarm_delta", "args")  # one knob each
 ROWS = {"llmdoctor": ("llmdoctor_product", "llmdoctor_delta"), "llmdoctor_product": ("llmdoctor_product",),
         "llmdoctor_delta": ("llmdoctor_delta",), "genarm": ("genarm_product", "genarm_delta"),
         "genarm_product": ("genarm_product",), "genarm_delta": ("genarm_delta",), "args": ("args",),
@@ -34,6 +35,19 @@ def best_point(points: list[dict], level: float, wellformed: float = WELLFORMED)
     """The highest-reward point with ``wellformed`` >= the bar and ``distinct_2 >= level``, or None."""
     ok = [p for p in points if p["wellformed"] >= wellformed and p["distinct_2"] >= level]
     return max(ok, key=lambda p: p["reward"], default=None)
+
+
+def crossing(points: list[dict], level: float, wellformed: float = WELLFORMED) -> float | None:
+    """The reward where a one-knob sweep (``points`` in sweep order, e.g. rising beta) crosses
+    ``distinct_2 = level``: linear between consecutive fluent points on either side (the highest
+    crossing if there are several); None if the sweep does not cross it. Unlike ``best_point`` it
+    does not depend on where the grid happens to put a point."""
+    ok = [p for p in points if p["wellformed"] >= wellformed]
+    found = [a["reward"] + (a["distinct_2"] - level) / (a["distinct_2"] - b["distinct_2"]) * (b["reward"] - a["reward"])
+             for a, b in zip(ok, ok[1:])
+             if a["distinct_2"] != b["distinct_2"] and min(a["distinct_2"], b["distinct_2"]) <= level
+             <= max(a["distinct_2"], b["distinct_2"])]
+    return max(found, default=None)
 
 
 def length_terms(point: dict, patient: dict) -> dict:
@@ -54,6 +68,10 @@ def frontier(result: dict, levels=LEVELS) -> dict:
         pts = [p for m in names for p in methods.get(m, [])]
         out[row] = {f"{lv:.2f}": (lambda b: b and length_terms(b, patient))(best_point(pts, lv)) for lv in levels}
     out["patient"] = length_terms(patient, patient) | {"length_part": 0.0, "length_share": None}
+    out["crossing"] = {row: {f"{lv:.2f}": max((c for m in names if m in SWEEPS
+                                               if (c := crossing(methods.get(m, []), lv)) is not None), default=None)
+                             for lv in levels}
+                       for row, names in ROWS.items() if any(m in SWEEPS for m in names)}
     return out
 
 
@@ -78,6 +96,9 @@ def aggregate(fronts: list[dict], levels=LEVELS) -> dict:
                             "reward_at_patient_length": _stats([p["reward_at_patient_length"] for p in pts]),
                             "length_share": _stats(shares), "seeds_with_a_point": len(pts)}
     out["patient"] = {k: _stats([f["patient"][k] for f in fronts]) for k in ("reward", "mean_words", "distinct_2")}
+    out["crossing"] = {row: {lv: _stats([f["crossing"][row][lv] for f in fronts if f["crossing"][row][lv] is not None])
+                             for lv in fronts[0]["crossing"][row]}
+                       for row in fronts[0]["crossing"]}
     return out
 
 
@@ -92,13 +113,18 @@ def targets(agg: dict, levels=LEVELS) -> dict:
                    "ge_genarm": None if ours is None or gen is None else bool(ours >= gen),
                    "ge_best_of_16": None if ours is None or bo16 is None else bool(ours >= bo16),
                    "ratio_to_genarm": None if not ours or not gen else ours / gen}
+        if "crossing" in agg:  # the same comparison where the sweeps cross the level (grid-independent)
+            oc, gc = (agg["crossing"][r][lv].get("mean") for r in ("llmdoctor", "genarm"))
+            out[lv] |= {"llmdoctor_crossing": oc, "genarm_crossing": gc,
+                        "ge_genarm_crossing": None if oc is None or gc is None else bool(oc >= gc)}
     return out
 
 
-def _cell(s: dict, words: dict) -> str:
+def _cell(s: dict, words: dict | None = None) -> str:
     if not s.get("n"):
         return "—"
-    return f"{s['mean']:+.2f} ± {s['std']:.2f} ({s['min']:+.2f}…{s['max']:+.2f}; {words['mean']:.1f} w)"
+    n = f"; {s['n']} seeds" if words is None else f"; {words['mean']:.1f} w"
+    return f"{s['mean']:+.2f} ± {s['std']:.2f} ({s['min']:+.2f}…{s['max']:+.2f}{n})"
 
 
 def markdown(agg: dict, levels=LEVELS) -> str:
@@ -115,7 +141,11 @@ def markdown(agg: dict, levels=LEVELS) -> str:
     p = agg["patient"]
     return (head + "\n".join(rows) + f"\n\nPatient: {p['reward']['mean']:+.2f}, {p['mean_words']['mean']:.1f} words, "
             f"distinct-2 {p['distinct_2']['mean']:.3f}.\n\nReward at the patient's length (R × W_patient / W) / share "
-            "of the gain over the patient that the extra length explains:\n\n" + head + "\n".join(rows2) + "\n")
+            "of the gain over the patient that the extra length explains:\n\n" + head + "\n".join(rows2) + "\n"
+            + "\nWhere each one-knob sweep crosses distinct-2 = the level (linear between neighbouring fluent points; "
+            "mean ± std (range) over the seeds that cross it), which does not depend on where the grid puts points:\n\n"
+            + head + "\n".join(f"| {LABELS[r]} | " + " | ".join(_cell(agg["crossing"][r][x]) for x in lv) + " |"
+                                for r in agg["crossing"]) + "\n")
 
 
 def plot(results: list[dict], path: Path) -> None:

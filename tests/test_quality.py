@@ -108,7 +108,13 @@ def test_fluent_frontier_and_its_length_share():
     r = agg["llmdoctor"]["0.20"]["reward"]
     assert (r["n"], r["mean"], r["min"], r["max"]) == (3, pytest.approx(3.5), 3.0, 4.0)
     assert r["std"] == pytest.approx(0.5)
+    # where the sweeps cross each level: linear between fluent neighbours, in sweep order
+    assert f["crossing"]["llmdoctor"]["0.30"] == pytest.approx(2.0 + 1.0 / 9)  # (0.31, 2.0) - (0.22, 3.0)
+    assert f["crossing"]["llmdoctor"]["0.25"] == pytest.approx(2.0 + 6.0 / 9)
+    assert f["crossing"]["llmdoctor"]["0.20"] is None  # no fluent point below 0.22
+    assert f["crossing"]["genarm"]["0.25"] == pytest.approx(2.4) and "best_of_16" not in f["crossing"]
     t = targets(agg)
+    assert t["0.25"]["llmdoctor_crossing"] == pytest.approx(2.0 + 6.0 / 9 + 0.5) and t["0.25"]["ge_genarm_crossing"]
     assert t["0.20"]["ge_genarm"] is True and t["0.20"]["ge_best_of_16"] is True
     assert t["0.30"]["genarm"] == pytest.approx(2.2) and t["0.30"]["best_of_16"] == pytest.approx(2.4)
 
