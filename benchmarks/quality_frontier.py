@@ -144,7 +144,7 @@ def markdown(agg: dict, levels=LEVELS) -> str:
             "of the gain over the patient that the extra length explains:\n\n" + head + "\n".join(rows2) + "\n"
             + "\nWhere each one-knob sweep crosses distinct-2 = the level (linear between neighbouring fluent points; "
             "mean ± std (range) over the seeds that cross it), which does not depend on where the grid puts points:\n\n"
-            + head + "\n".join(f"| {LABELS[r]} | " + " | ".join(_cell(agg["crossing"][r][x]) for x in lv) + " |"
+            + head.replace("≥", "=") + "\n".join(f"| {LABELS[r]} | " + " | ".join(_cell(agg["crossing"][r][x]) for x in lv) + " |"
                                 for r in agg["crossing"]) + "\n")
 
 
