@@ -52,23 +52,13 @@ def parse_args(argv=None):
 
 def gathered_response_terms(self, model, inputs, need_values: bool):
     """The trainer's log-probs before this change (kept here to measure them): a float32 [N, L, V] copy."""
-    import torch
-
     out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                 output_hidden_states=need_values, use_cache=False)
-    logits = out.logits
-    n, t = inputs["input_ids"].shape
     L = inputs["response_ids"].shape[1]
-    rows = torch.arange(n, device=logits.device)[:, None]
-    pos = (inputs["response_start"][:, None] - 1 + torch.arange(L + 1, device=logits.device)).clamp(max=t - 1)
-    tok_logits = logits[rows, pos[:, :L]].float()
+    rows, pos = self._state_positions(inputs)
+    tok_logits = out.logits[rows, pos[:, :L]].float()
     logp = tok_logits.gather(-1, inputs["response_ids"][..., None]).squeeze(-1) - tok_logits.logsumexp(-1)
-    log_v = None
-    if need_values:
-        hidden = out.hidden_states[-1][rows, pos]
-        head_dtype = next(self.value_head.parameters()).dtype
-        log_v = self.value_head(hidden.to(head_dtype)).float()
-    return logp, log_v
+    return logp, self._state_values(out, rows, pos) if need_values else None
 
 
 def _rss_kb(field: str) -> int:

@@ -210,19 +210,27 @@ class TFPOTrainer(Trainer):
         out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                     output_hidden_states=need_values, use_cache=False)
         ids = inputs["input_ids"]
+        t, L = ids.shape[1], inputs["response_ids"].shape[1]
+        rows, pos = self._state_positions(inputs)
+        next_logp = selective_log_softmax(out.logits[:, :-1], ids[:, 1:]).float()  # [N, T-1]: log pi(ids[p+1] | :p)
+        logp = next_logp[rows, pos[:, :L].clamp(max=t - 2)]  # past a response's end: padding, masked by the loss
+        return logp, self._state_values(out, rows, pos) if need_values else None
+
+    @staticmethod
+    def _state_positions(inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows [N, 1], pos [N, L+1])``: state ``s_k`` is the prefix ending at position
+        ``start - 1 + k``; it predicts ``y_{k+1} = ids[start + k]`` (clamped to the row's end)."""
+        ids = inputs["input_ids"]
         n, t = ids.shape
         L = inputs["response_ids"].shape[1]
         rows = torch.arange(n, device=ids.device)[:, None]
-        # state s_k is the prefix ending at position start-1+k; it predicts y_{k+1} = ids[start + k]
-        pos = (inputs["response_start"][:, None] - 1 + torch.arange(L + 1, device=ids.device)).clamp(max=t - 1)
-        next_logp = selective_log_softmax(out.logits[:, :-1], ids[:, 1:]).float()  # [N, T-1]: log pi(ids[p+1] | :p)
-        logp = next_logp[rows, pos[:, :L].clamp(max=t - 2)]  # past a response's end: padding, masked by the loss
-        log_v = None
-        if need_values:
-            hidden = out.hidden_states[-1][rows, pos]
-            head_dtype = next(self.value_head.parameters()).dtype
-            log_v = self.value_head(hidden.to(head_dtype)).float()
-        return logp, log_v
+        return rows, (inputs["response_start"][:, None] - 1 + torch.arange(L + 1, device=ids.device)).clamp(max=t - 1)
+
+    def _state_values(self, out, rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Raw ``log V`` ``[N, L+1]`` of the value head on the last hidden states at the states' positions."""
+        hidden = out.hidden_states[-1][rows, pos]
+        head_dtype = next(self.value_head.parameters()).dtype
+        return self.value_head(hidden.to(head_dtype)).float()
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TFPO or GenARM loss on a batch from :class:`TFPOCollator`, logging TFPO's metrics."""
