@@ -55,6 +55,8 @@ def parse_args(argv=None):
     p.add_argument("--name", default="quality", help="results file stem (quality)")
     p.add_argument("--reuse", action="store_true", help="reuse the patient, rewards and doctors found in --workdir")
     p.add_argument("--tfpo-only", action="store_true", help="decode the patient and the TFPO doctor only (variants)")
+    p.add_argument("--doctors-only", action="store_true",
+                   help="decode the patient and both doctors only, no baselines (decoding variants)")
     p.add_argument("--quick", action="store_true",
                    help="smoke-test size: tiny training, 8 prompts, one setting per method")
     g = p.add_argument_group("sizes")
@@ -78,6 +80,8 @@ def parse_args(argv=None):
     s.add_argument("--betas", type=float, nargs="+", default=BETAS,
                    help="doctor weights, every doctor x rule (fine enough that every doctor has points across "
                         "distinct-2 0.20-0.33)")
+    s.add_argument("--patient-min-p", type=float, default=0.0,
+                   help="both doctors' points decoded with llmdoctor_patient_min_p (0: the full vocabulary)")
     s.add_argument("--args-w", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
                    help="ARGS reward weights")
     s.add_argument("--args-k", type=int, default=10, help="ARGS candidates (10)")

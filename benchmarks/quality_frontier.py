@@ -175,15 +175,21 @@ def plot(results: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def merge_tfpo(base: dict, variant: dict) -> dict:
-    """``base`` with its LLMdoctor points (and TFPO settings) taken from ``variant``, a --tfpo-only run of
-    the same seeds; the patient's point must match, so both decoded the same prompts with the same seeds."""
+DOCTOR_METHODS = ("llmdoctor_product", "llmdoctor_delta", "genarm_product", "genarm_delta")
+
+
+def merge_doctors(base: dict, variant: dict) -> dict:
+    """``base`` with its doctor points (and TFPO and decoding settings) taken from ``variant``, a
+    --tfpo-only or --doctors-only run of the same seeds: every doctor method the variant decoded
+    replaces the base's. The patient's point must match, so both decoded the same prompts with the
+    same seeds."""
     keys = ("train_seed", "sample_seed", "n_eval", "max_tokens")
     if any(base["settings"][k] != variant["settings"][k] for k in keys) or \
             base["methods"]["patient"][0]["reward"] != variant["methods"]["patient"][0]["reward"]:
         raise SystemExit(f"quality_frontier: {variant['command']!r} does not match {base['command']!r}")
-    methods = base["methods"] | {m: variant["methods"][m] for m in ("llmdoctor_product", "llmdoctor_delta")}
-    settings = base["settings"] | {k: variant["settings"][k] for k in ("tfpo_arg", "tag", "reward_sign")}
+    methods = base["methods"] | {m: variant["methods"][m] for m in DOCTOR_METHODS if variant["methods"].get(m)}
+    settings = base["settings"] | {k: variant["settings"][k] for k in ("tfpo_arg", "tag", "reward_sign",
+                                                                       "patient_min_p") if k in variant["settings"]}
     return base | {"methods": methods, "settings": settings}
 
 
@@ -193,20 +199,22 @@ def main(argv=None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="quality*.json files, one per seed")
-    p.add_argument("--tfpo-from", nargs="+", metavar="JSON",
-                   help="per seed, a --tfpo-only run whose TFPO points replace those of RESULTS (same order, "
-                        "same seeds): a TFPO variant against the same baselines without decoding them again")
+    p.add_argument("--doctors-from", "--tfpo-from", dest="doctors_from", nargs="+", metavar="JSON",
+                   help="per seed, a --tfpo-only or --doctors-only run whose doctor points replace those of "
+                        "RESULTS (same order, same seeds): a TFPO or decoding variant against the same baselines "
+                        "without decoding them again")
     p.add_argument("--output-dir", default=str(RESULTS))
     p.add_argument("--name", default="quality_seeds")
     args = p.parse_args(argv)
     results = [json.loads(Path(f).read_text()) for f in args.results]
-    if args.tfpo_from:
-        results = [merge_tfpo(r, json.loads(Path(f).read_text())) for r, f in zip(results, args.tfpo_from, strict=True)]
+    if args.doctors_from:
+        results = [merge_doctors(r, json.loads(Path(f).read_text()))
+                   for r, f in zip(results, args.doctors_from, strict=True)]
     fronts = [frontier(r) for r in results]
     agg = aggregate(fronts)
-    payload = {"sources": args.results, "tfpo_from": args.tfpo_from, "wellformed_min": WELLFORMED, "levels": LEVELS,
+    payload = {"sources": args.results, "doctors_from": args.doctors_from, "wellformed_min": WELLFORMED, "levels": LEVELS,
                "seeds": [{k: r["settings"].get(k) for k in ("train_seed", "sample_seed", "tfpo_arg", "tag",
-                                                            "reward_sign")}
+                                                            "reward_sign", "patient_min_p")}
                          for r in results],
                "aggregate": agg, "targets": targets(agg), "per_seed": fronts}
     out = Path(args.output_dir)

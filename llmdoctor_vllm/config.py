@@ -10,6 +10,8 @@ Request keys (all optional; a request that names none gets the engine defaults):
 - ``llmdoctor_beta_<doctor>``: weight of one doctor (wins over ``llmdoctor_beta``).
 - ``llmdoctor_doctors``: name or list of names of the doctors to use (others get 0).
 - ``llmdoctor_rule``: ``"product"`` (the paper's rule) or ``"delta"`` (doctor minus its reference).
+- ``llmdoctor_patient_min_p``: guidance reweights only the tokens the patient gives at least this
+  fraction of its top probability (0, the default: the full vocabulary, as the paper does).
 A request whose doctor weights are all 0 is not guided at all: its output is plain vLLM.
 """
 
@@ -23,8 +25,8 @@ import numpy as np
 CONFIG_KEY = "llmdoctor"
 PREFIX = "llmdoctor_"
 RULES = ("product", "delta")
-_ENGINE_KEYS = {"doctors", "alpha", "beta", "rule", "cache_tokens", "block_size", "dtype", "prefill_chunk_tokens",
-                "cuda_graphs"}
+_ENGINE_KEYS = {"doctors", "alpha", "beta", "rule", "patient_min_p", "cache_tokens", "block_size", "dtype",
+                "prefill_chunk_tokens", "cuda_graphs"}
 
 
 class GuidanceConfigError(ValueError):
@@ -51,6 +53,14 @@ def _number(value, name: str, *, minimum: float | None = None) -> float:
     return x
 
 
+def _fraction(value, name: str) -> float:
+    """A probability fraction in ``[0, 1]`` (``patient_min_p``)."""
+    x = _number(value, name, minimum=0.0)
+    if x > 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    return x
+
+
 @dataclass(frozen=True)
 class EngineGuidance:
     """The ``llmdoctor`` section of ``additional_config``: the doctors and the defaults."""
@@ -59,6 +69,7 @@ class EngineGuidance:
     alpha: float = 1.0
     beta: dict[str, float] = field(default_factory=dict)  # default weight per doctor
     rule: str = "product"
+    patient_min_p: float = 0.0  # guidance only among tokens with p >= this x the patient's top p [D]
     cache_tokens: int | None = None  # doctor KV budget per doctor model, in tokens
     block_size: int = 16
     dtype: str | None = None  # doctor dtype; default: the engine's
@@ -112,6 +123,7 @@ class EngineGuidance:
             rule = raw.get("rule", "product")
             if rule not in RULES:
                 raise ValueError(f"llmdoctor rule must be one of {RULES}, got {rule!r}")
+            patient_min_p = _fraction(raw.get("patient_min_p", 0.0), "llmdoctor patient_min_p")
             cache_tokens = raw.get("cache_tokens")
             if cache_tokens is not None and (not isinstance(cache_tokens, int) or isinstance(cache_tokens, bool)
                                              or cache_tokens < 16):
@@ -132,8 +144,8 @@ class EngineGuidance:
                 raise ValueError(f"llmdoctor dtype must be float32, float16 or bfloat16, got {dtype!r}")
         except ValueError as e:
             raise GuidanceConfigError(str(e)) from None
-        return cls(doctors=dict(doctors), alpha=alpha, beta=beta, rule=rule, cache_tokens=cache_tokens,
-                   block_size=block_size, dtype=dtype, prefill_chunk_tokens=chunk, cuda_graphs=graphs)
+        return cls(doctors=dict(doctors), alpha=alpha, beta=beta, rule=rule, patient_min_p=patient_min_p,
+                   cache_tokens=cache_tokens, block_size=block_size, dtype=dtype, prefill_chunk_tokens=chunk, cuda_graphs=graphs)
 
     def request(self, extra_args: dict | None) -> "RequestGuidance | None":
         """This engine's guidance for one request; ``None`` when it is not guided.
@@ -142,7 +154,7 @@ class EngineGuidance:
         """
         args = {k: v for k, v in (extra_args or {}).items() if k.startswith(PREFIX)}
         names = self.names
-        known = {"alpha", "beta", "doctors", "rule"} | {f"beta_{n}" for n in names}
+        known = {"alpha", "beta", "doctors", "rule", "patient_min_p"} | {f"beta_{n}" for n in names}
         for key in args:
             if key[len(PREFIX):] not in known:
                 if key.startswith(PREFIX + "beta_"):
@@ -152,6 +164,7 @@ class EngineGuidance:
         rule = args.get(PREFIX + "rule", self.rule)
         if rule not in RULES:
             raise ValueError(f"{PREFIX}rule must be one of {list(RULES)}, got {rule!r}")
+        min_p = _fraction(args.get(PREFIX + "patient_min_p", self.patient_min_p), PREFIX + "patient_min_p")
         chosen = args.get(PREFIX + "doctors")
         if chosen is not None:
             chosen = [chosen] if isinstance(chosen, str) else chosen
@@ -176,13 +189,15 @@ class EngineGuidance:
         weights = np.array([betas[n] for n in names], dtype=np.float32)
         if not weights.any():
             return None
-        return RequestGuidance(alpha=alpha, betas=weights, delta=(rule == "delta"))
+        return RequestGuidance(alpha=alpha, betas=weights, delta=(rule == "delta"), patient_min_p=min_p)
 
 
 @dataclass(frozen=True)
 class RequestGuidance:
-    """One guided request's weights: ``alpha``, ``betas[i]`` per engine doctor, and the rule."""
+    """One guided request's weights: ``alpha``, ``betas[i]`` per engine doctor, the rule, and the
+    patient's support (``patient_min_p``) within which guidance reweights."""
 
     alpha: float
     betas: np.ndarray
     delta: bool
+    patient_min_p: float = 0.0

@@ -106,6 +106,7 @@ class GuidanceCore:
         self.alpha = np.ones(self.max_slots, dtype=np.float32)
         self.betas = np.zeros((self.max_slots, n), dtype=np.float32)
         self.delta = np.zeros(self.max_slots, dtype=bool)
+        self.patient_min_p = np.zeros(self.max_slots, dtype=np.float32)  # 0: the full vocabulary
         self.streams = np.full((self.max_slots, n), -1, dtype=np.int64)
         self.ref_streams = np.full((self.max_slots, n), -1, dtype=np.int64)
         self.num_guided = 0
@@ -113,8 +114,10 @@ class GuidanceCore:
         # which request holds a slot: a number no other request had, 0 when none
         self.generation = np.zeros(self.max_slots, dtype=np.int64)
         self._next_generation = 0
-        # alpha per slot on the device, refreshed from the host array when a request comes or goes
+        # alpha and log(patient_min_p) per slot on the device, refreshed from the host arrays when a
+        # request comes or goes
         self.alpha_dev = torch.ones(self.max_slots, device=self.device)
+        self.log_min_p_dev = torch.full((self.max_slots,), float("-inf"), device=self.device)
         self._alpha_dirty = False
         self._pending_nan: list = []  # (flags on the host, slots, generations, event): read a step later
         self.parked: dict = {}  # key -> (caches, step parked): requests left out of a step
@@ -152,6 +155,7 @@ class GuidanceCore:
             return False
         self.guided[slot] = True
         self.alpha[slot], self.betas[slot], self.delta[slot] = g.alpha, g.betas, g.delta
+        self.patient_min_p[slot] = g.patient_min_p
         self._alpha_dirty = True
         self._next_generation += 1
         self.generation[slot] = self._next_generation
@@ -225,7 +229,8 @@ class GuidanceCore:
         if not swap:
             self.remove(b)
         self._alpha_dirty = True
-        arrays = (self.guided, self.alpha, self.betas, self.delta, self.streams, self.ref_streams, self.generation)
+        arrays = (self.guided, self.alpha, self.betas, self.delta, self.patient_min_p, self.streams, self.ref_streams,
+                  self.generation)
         for arr in arrays:
             tmp = arr[b].copy()
             arr[b] = arr[a]
@@ -297,13 +302,17 @@ class GuidanceCore:
         dev = logits.device
         if self._alpha_dirty:
             self.alpha_dev.copy_(to_device(self.alpha, dev), non_blocking=True)
+            with np.errstate(divide="ignore"):
+                self.log_min_p_dev.copy_(to_device(np.log(self.patient_min_p), dev), non_blocking=True)
             self._alpha_dirty = False
         bad = torch.isnan(terms).any(dim=1)
         self._watch_nan(bad, slots)
-        alpha = self.alpha_dev[to_device(slots, dev)]
+        slots_t = to_device(slots, dev)
+        alpha = self.alpha_dev[slots_t]
+        log_min_p = self.log_min_p_dev[slots_t] if self.patient_min_p[slots].any() else None
         rows_t = to_device(rows, dev)
         patient = logits[rows_t]
-        guided = combine(patient, alpha, terms, self.valid_vocab).to(logits.dtype)
+        guided = combine(patient, alpha, terms, self.valid_vocab, log_min_p).to(logits.dtype)
         logits[rows_t] = torch.where(bad[:, None], patient, guided)  # a NaN row stays the patient's
         return logits
 

@@ -36,14 +36,18 @@ def _next_token_logprobs(model, ids: list[int], start: int) -> torch.Tensor:
     return torch.log_softmax(logits[start - 1:], dim=-1)
 
 
-def guided_scores(patient, doctors, prompt_ids, output_ids, alpha=1.0, betas=None, rule="product"):
+def guided_scores(patient, doctors, prompt_ids, output_ids, alpha=1.0, betas=None, rule="product",
+                  patient_min_p=0.0):
     """``[len(output_ids), V]`` guided scores ``alpha*lp + sum beta*(ld [- lref])`` at every step.
 
-    ``doctors`` maps a name to a ``LoadedDoctor``; ``betas`` maps a name to its weight.
+    ``doctors`` maps a name to a ``LoadedDoctor``; ``betas`` maps a name to its weight. With
+    ``patient_min_p``, tokens whose patient probability is below that fraction of the top one
+    that can be produced score ``-inf``.
     """
     ids = list(prompt_ids) + list(output_ids[:-1])
     p = len(prompt_ids)
-    out = alpha * _next_token_logprobs(patient, ids, p)
+    lp = _next_token_logprobs(patient, ids, p)
+    out = alpha * lp
     vocab = out.shape[1]
     for name, beta in (betas or {}).items():
         if not beta:
@@ -59,4 +63,7 @@ def guided_scores(patient, doctors, prompt_ids, output_ids, alpha=1.0, betas=Non
         v = min(vocab, ld.shape[1])
         out[:, :v] += beta * ld[:, :v]
         out[:, v:] = float("-inf")
+    if patient_min_p:  # relative to the top token the step can produce (within every doctor's vocabulary)
+        probs = lp.exp().masked_fill(torch.isneginf(out), 0.0)
+        out[probs < patient_min_p * probs.max(dim=-1, keepdim=True).values] = float("-inf")
     return out

@@ -148,3 +148,17 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert set(res["doctors"]["probe"]) == {"tfpo", "genarm"}
     for f in ("quality.md", "quality.png", "quality_compute.png"):
         assert (out / f).stat().st_size > 0
+
+    # a decoding variant: both doctors again, with patient_min_p, no baselines; merged onto the base run
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--reuse", "--doctors-only",
+                           "--patient-min-p", "0.05", "--workdir", str(tmp_path / "work"), "--output-dir", str(out),
+                           "--name", "variant"], cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    variant = json.loads((out / "variant.json").read_text())
+    assert not variant["methods"]["args"] and not variant["methods"]["aisp"]
+    from benchmarks.quality_frontier import DOCTOR_METHODS, merge_doctors
+
+    merged = merge_doctors(res, variant)
+    assert merged["settings"]["patient_min_p"] == 0.05 and merged["methods"]["args"] == res["methods"]["args"]
+    for m in DOCTOR_METHODS:
+        assert merged["methods"][m] and all(p["setting"]["patient_min_p"] == 0.05 for p in merged["methods"][m])

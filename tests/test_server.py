@@ -73,6 +73,7 @@ def test_server_guided_equals_offline(server, engine):
     ({"llmdoctor_beta": "a lot"}, "llmdoctor_beta"),
     ({"llmdoctor_alpha": "NaN"}, "llmdoctor_alpha"),
     ({"llmdoctor_beta": -1}, "llmdoctor_beta"),
+    ({"llmdoctor_patient_min_p": 2}, "llmdoctor_patient_min_p"),
 ])
 def test_server_bad_request_is_400_and_server_keeps_serving(server, xargs, field):
     import openai

@@ -110,12 +110,23 @@ def test_argument_edges_are_refused(engine, bad, field):
 
 @pytest.mark.parametrize("section, key", [
     ({"block_size": 64, "cache_tokens": 32}, "block_size"), ({"prefill_chunk_tokens": 0}, "prefill_chunk_tokens"),
-    ({"alpha": -1}, "alpha"), ({"beta": 1e39}, "beta"), ({"cache_tokens": True}, "cache_tokens")])
+    ({"alpha": -1}, "alpha"), ({"beta": 1e39}, "beta"), ({"cache_tokens": True}, "cache_tokens"),
+    ({"patient_min_p": 1.01}, "patient_min_p")])
 def test_engine_setting_edges_name_the_key(section, key):
     from llmdoctor_vllm.config import EngineGuidance, GuidanceConfigError
 
     with pytest.raises(GuidanceConfigError, match=key):
         EngineGuidance.from_additional_config({"llmdoctor": {"doctors": {"d": "/x"}, **section}})
+
+
+def test_patient_min_p_engine_default_and_request_override():
+    """The engine's patient_min_p is every guided request's default; a request's own value wins."""
+    from llmdoctor_vllm.config import EngineGuidance
+
+    engine = EngineGuidance.from_additional_config({"llmdoctor": {"doctors": {"d": "/x"}, "patient_min_p": 0.05}})
+    assert engine.request({"llmdoctor_beta": 1.0}).patient_min_p == 0.05
+    assert engine.request({"llmdoctor_beta": 1.0, "llmdoctor_patient_min_p": 0}).patient_min_p == 0.0
+    assert EngineGuidance(doctors={"d": "/x"}).request({"llmdoctor_beta": 1.0}).patient_min_p == 0.0
 
 
 def test_engine_checks_at_start(tiny):
