@@ -199,17 +199,17 @@ def main(argv=None) -> dict:
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("results", nargs="+", help="quality*.json files, one per seed")
-    p.add_argument("--doctors-from", "--tfpo-from", dest="doctors_from", nargs="+", metavar="JSON",
+    p.add_argument("--doctors-from", "--tfpo-from", dest="doctors_from", nargs="+", action="append", metavar="JSON",
                    help="per seed, a --tfpo-only or --doctors-only run whose doctor points replace those of "
                         "RESULTS (same order, same seeds): a TFPO or decoding variant against the same baselines "
-                        "without decoding them again")
+                        "without decoding them again; repeat to merge several in turn (e.g. GenARM's points from "
+                        "a --doctors-only run, then TFPO's from a --tfpo-only one)")
     p.add_argument("--output-dir", default=str(RESULTS))
     p.add_argument("--name", default="quality_seeds")
     args = p.parse_args(argv)
     results = [json.loads(Path(f).read_text()) for f in args.results]
-    if args.doctors_from:
-        results = [merge_doctors(r, json.loads(Path(f).read_text()))
-                   for r, f in zip(results, args.doctors_from, strict=True)]
+    for files in args.doctors_from or ():
+        results = [merge_doctors(r, json.loads(Path(f).read_text())) for r, f in zip(results, files, strict=True)]
     fronts = [frontier(r) for r in results]
     agg = aggregate(fronts)
     payload = {"sources": args.results, "doctors_from": args.doctors_from, "wellformed_min": WELLFORMED, "levels": LEVELS,

@@ -17,6 +17,10 @@ def _add_demo_parser(sub) -> None:
     demo.add_argument("--beta", type=float, nargs="+", default=[1.0, 2.0], help="doctor weights to show (1 2)")
     demo.add_argument("--rule", choices=["product", "delta"], nargs="+", default=["product", "delta"],
                       help="decoding rules to show (product delta)")
+    demo.add_argument("--patient-min-p", type=float, default=0.05,
+                      help="also show each rule and beta with llmdoctor_patient_min_p = this (guidance only among "
+                           "the tokens the patient gives at least this fraction of its top probability; 0: not "
+                           "shown) (0.05)")
     demo.add_argument("--train-steps", type=int, default=300, help="TFPO steps (300)")
 
 
@@ -59,7 +63,8 @@ def main(argv=None) -> None:
         if args.command == "demo":
             from llmdoctor_train.toy.demo import run_demo
 
-            run_demo(args.workdir, betas=args.beta, train_steps=args.train_steps, rules=args.rule)
+            run_demo(args.workdir, betas=args.beta, train_steps=args.train_steps, rules=args.rule,
+                     patient_min_p=args.patient_min_p)
         elif args.command == "rewards":
             rewards_cli.run_rewards(args)
         else:

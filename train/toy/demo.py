@@ -23,7 +23,7 @@ def _say(msg: str) -> None:
 
 
 def run_demo(workdir: str | None = None, betas=(1.0, 2.0), train_steps: int = 300, n_eval: int = 64,
-             rules=("product", "delta")) -> dict:
+             rules=("product", "delta"), patient_min_p: float = 0.05) -> dict:
     """Runs the five steps above and prints plain vs guided replies with their rewards."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines start in seconds
     from llmdoctor_train.toy import pipeline as tp
@@ -46,4 +46,4 @@ def run_demo(workdir: str | None = None, betas=(1.0, 2.0), train_steps: int = 30
     _say("5/5 Stage 3: plain vs guided decoding in one vLLM engine")
     llm = tp.guided_engine(patient, {"good": str(root / "doctor")})
     prompts = tp.eval_prompts(n_eval)
-    return tp.report(prompts, tp.compare(llm, prompts, tp.guidance_settings(betas, rules))) | {"workdir": str(root)}
+    return tp.report(prompts, tp.compare(llm, prompts, tp.guidance_settings(betas, rules, patient_min_p))) | {"workdir": str(root)}
