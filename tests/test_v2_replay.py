@@ -137,11 +137,13 @@ def test_replayed_runner_equals_the_v1_engine(replay, engine, tiny):
     tok = tiny["tokenizer"]
     long = " ".join(["The cat kindly helps the doctor."] * 6 + [PROMPTS[3]])
     texts = [PROMPTS[0], long, PROMPTS[1], PROMPTS[2], long, PROMPTS[3]]
-    guides = [{"beta": 1.0, "doctors": "doctor0"}, {"beta_lora": 0.8, "rule": "delta"}, {},
+    guides = [{"beta": 1.0, "doctors": "doctor0"}, {"beta_lora": 2.0, "rule": "delta", "patient_min_p": 0.3}, {},
               {"beta_doctor1": 1.2, "beta_lora": 0.5}, {"beta_doctor0": 1.5}, {"beta": 0.7, "rule": "delta"}]
     lengths = [10, 8, 6, 12, 6, 9]
     params = [sp(guide=g, max_tokens=n) for g, n in zip(guides, lengths)]
     want = [run(engine, [t], [p])[0][0] for t, p in zip(texts, params)]
+    unmasked = sp(guide={k: v for k, v in guides[1].items() if k != "patient_min_p"}, max_tokens=lengths[1])
+    assert run(engine, [texts[1]], [unmasked])[0][0] != want[1]  # the support mask changes r1's reply
     reqs = [Req(f"r{i}", tok(t)["input_ids"], p, n) for i, (t, p, n) in enumerate(zip(texts, params, lengths))]
     waiting, running, step = list(reqs), [], 0
     preempted = False
