@@ -32,8 +32,10 @@ def main():
     prompts = ["The doctor kindly", "A small bird", "Our team"]
     plain = SamplingParams(max_tokens=24, temperature=0.0)
     guided = SamplingParams(max_tokens=24, temperature=0.0, extra_args={"llmdoctor_beta_helpful": args.beta})
+    # the delta rule, sampled, within the patient's support (tokens it gives >= 5% of its top probability)
     delta_rule = SamplingParams(max_tokens=24, temperature=0.7, seed=0,
-                           extra_args={"llmdoctor_beta_helpful": args.beta, "llmdoctor_rule": "delta"})
+                                extra_args={"llmdoctor_beta_helpful": args.beta, "llmdoctor_rule": "delta",
+                                            "llmdoctor_patient_min_p": 0.05})
     outs = llm.generate(prompts * 3, [plain] * 3 + [guided] * 3 + [delta_rule] * 3)
     for i, o in enumerate(outs):
         kind = ("plain", "guided greedy", "delta sampled")[i // 3]

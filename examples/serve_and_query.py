@@ -55,10 +55,11 @@ def main():
         import openai
 
         client = openai.OpenAI(base_url=url + "/v1", api_key="unused")
-        for xargs in ({}, {"llmdoctor_beta_helpful": 1.0}, {"llmdoctor_beta_helpful": 1.0, "llmdoctor_rule": "delta"}):
+        for xargs in ({}, {"llmdoctor_beta_helpful": 1.0},
+                      {"llmdoctor_beta_helpful": 1.0, "llmdoctor_rule": "delta", "llmdoctor_patient_min_p": 0.05}):
             r = client.completions.create(model="patient", prompt="The doctor kindly", max_tokens=20, temperature=0,
                                           extra_body={"vllm_xargs": xargs} if xargs else None)
-            print(f"{json.dumps(xargs):>58} -> {r.choices[0].text!r}")
+            print(f"{json.dumps(xargs):>92} -> {r.choices[0].text!r}")
         try:
             client.completions.create(model="patient", prompt="x", max_tokens=4,
                                       extra_body={"vllm_xargs": {"llmdoctor_beta": -1}})
