@@ -26,27 +26,30 @@ def close_engine(llm) -> None:
 class LLMdoctor:
     """A patient served by ``vllm.LLM`` and steered by one or more doctors.
 
-    ``doctor_checkpoint`` is a checkpoint path or a ``{name: path}`` mapping; ``alpha`` and
-    ``beta`` are the defaults of every request (``generate`` takes per-call overrides).
+    ``doctor_checkpoint`` is a checkpoint path or a ``{name: path}`` mapping; ``alpha``, ``beta``,
+    ``rule`` and ``patient_min_p`` are the defaults of every request (``generate`` takes per-call
+    overrides).
     Other keyword arguments go to ``vllm.LLM``. Use it as a context manager (or call
     ``close()``) to shut the engine down when done.
     """
 
     def __init__(self, patient_model: str | PathLike, doctor_checkpoint: str | PathLike | Mapping[str, str],
                  alpha: float = 1.0, beta: float | Mapping[str, float] = 0.8, rule: str = "product",
-                 **llm_kwargs):
+                 patient_min_p: float = 0.0, **llm_kwargs):
         from vllm import LLM
 
         doctors = ({str(k): str(v) for k, v in doctor_checkpoint.items()} if isinstance(doctor_checkpoint, Mapping)
                    else {"doctor": str(doctor_checkpoint)})
         beta = dict(beta) if isinstance(beta, Mapping) else beta
         additional = dict(llm_kwargs.pop("additional_config", None) or {})
-        additional["llmdoctor"] = {"doctors": doctors, "alpha": alpha, "beta": beta, "rule": rule}
+        additional["llmdoctor"] = {"doctors": doctors, "alpha": alpha, "beta": beta, "rule": rule,
+                                   "patient_min_p": patient_min_p}
         self.doctors = list(doctors)
         self.llm = LLM(model=str(patient_model), additional_config=additional, **llm_kwargs)
 
     def generate(self, prompts: str | Sequence[str], sampling_params=None, *, alpha: float | None = None,
-                 beta: float | None = None, rule: str | None = None, **kwargs) -> list[str]:
+                 beta: float | None = None, rule: str | None = None, patient_min_p: float | None = None,
+                 **kwargs) -> list[str]:
         """Guided completions of ``prompts`` (texts); ``beta=0`` gives the plain patient's."""
         from vllm import SamplingParams
 
@@ -54,7 +57,7 @@ class LLMdoctor:
         prompts = [prompts] if single else list(prompts)
         sp = sampling_params.clone() if sampling_params is not None else SamplingParams(max_tokens=128)
         extra = dict(sp.extra_args or {})
-        for key, value in (("alpha", alpha), ("beta", beta), ("rule", rule)):
+        for key, value in (("alpha", alpha), ("beta", beta), ("rule", rule), ("patient_min_p", patient_min_p)):
             if value is not None:
                 extra[f"llmdoctor_{key}"] = value
         sp.extra_args = extra or None

@@ -133,6 +133,12 @@ def test_llmdoctor_api(tiny, engine, keep_alive):
     assert plain == ref_plain
     assert guided == ref_guided != plain
     assert isinstance(doc.generate("The cat", greedy), str)
+    # a per-call patient_min_p reaches the request: 1 leaves the patient's top token whatever beta is
+    masked = doc.generate(PROMPTS, greedy, beta=3.0, patient_min_p=1.0)
+    ref_masked = [o.outputs[0].text for o in engine.generate(
+        PROMPTS, sp(guide={"beta_doctor1": 0.5, "doctors": "doctor1", "patient_min_p": 1.0}, max_tokens=10),
+        use_tqdm=False)]
+    assert masked == ref_masked != doc.generate(PROMPTS, greedy, beta=3.0)
 
 
 def test_unconfigured_plugin_does_nothing(tiny, engine, keep_alive):
