@@ -66,6 +66,9 @@ def parse_args(argv=None):
     g.add_argument("--train-steps", type=int, default=300, help="doctor training steps, TFPO and GenARM (300)")
     g.add_argument("--n-eval", type=int, default=64, help="held-out prompts (64)")
     g.add_argument("--max-tokens", type=int, default=48, help="max reply tokens (48)")
+    g.add_argument("--world-seed", type=int, default=0,
+                   help="seed of the world: the patient (corpus, initialisation, training) and the preference "
+                        "pairs (0); a --reuse'd workdir must hold the same world")
     g.add_argument("--train-seed", type=int, default=42, help="seed of both doctors' training (42)")
     g.add_argument("--sample-seed", type=int, default=0,
                    help="sampling seed of the held-out decoding, every method (0: the original seeds)")
@@ -103,12 +106,17 @@ def build_patient_and_stage1(root: Path, args) -> tuple[dict, dict]:
     """The patient, preference pairs from it and Stage 1 token rewards (reused from ``root`` with
     ``--reuse``); returns the patient's summary and Stage 1's with its correlations."""
     folder = root / "patient" / "patient"
+    marker = root / "world.json"  # absent in workdirs built before --world-seed: world 0
     if args.reuse and (folder / "config.json").exists() and (root / "rewards" / "summary.json").exists():
+        held = json.loads(marker.read_text())["world_seed"] if marker.exists() else 0
+        if held != args.world_seed:
+            raise SystemExit(f"quality: {root} holds world {held}, not --world-seed {args.world_seed}")
         patient = {"patient": str(folder), "reused": True}
     else:
         built = tp.build_patient_and_pairs(root, patient_steps=args.patient_steps, pair_prompts=args.pair_prompts,
                                            samples_per_prompt=args.samples_per_prompt,
-                                           max_new_tokens=args.max_tokens, measure=32)
+                                           max_new_tokens=args.max_tokens, measure=32, seed=args.world_seed)
+        marker.write_text(json.dumps({"world_seed": args.world_seed}))
         built["prefs"].save_to_disk(str(root / "prefs"))
         tp.score_pairs(built["prefs"], built["patient"], root / "rewards", progress=False)
         patient = {"patient": built["patient"], "rewards_by_instruction": built["rewards"],

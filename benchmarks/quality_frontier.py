@@ -183,8 +183,8 @@ def merge_doctors(base: dict, variant: dict) -> dict:
     --tfpo-only or --doctors-only run of the same seeds: every doctor method the variant decoded
     replaces the base's. The patient's point must match, so both decoded the same prompts with the
     same seeds."""
-    keys = ("train_seed", "sample_seed", "n_eval", "max_tokens")
-    if any(base["settings"][k] != variant["settings"][k] for k in keys) or \
+    keys = ("world_seed", "train_seed", "sample_seed", "n_eval", "max_tokens")
+    if any(base["settings"].get(k, 0) != variant["settings"].get(k, 0) for k in keys) or \
             base["methods"]["patient"][0]["reward"] != variant["methods"]["patient"][0]["reward"]:
         raise SystemExit(f"quality_frontier: {variant['command']!r} does not match {base['command']!r}")
     methods = base["methods"] | {m: variant["methods"][m] for m in DOCTOR_METHODS if variant["methods"].get(m)}
@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
     fronts = [frontier(r) for r in results]
     agg = aggregate(fronts)
     payload = {"sources": args.results, "doctors_from": args.doctors_from, "wellformed_min": WELLFORMED, "levels": LEVELS,
-               "seeds": [{k: r["settings"].get(k) for k in ("train_seed", "sample_seed", "tfpo_arg", "tag",
+               "seeds": [{k: r["settings"].get(k) for k in ("world_seed", "train_seed", "sample_seed", "tfpo_arg", "tag",
                                                             "reward_sign", "patient_min_p")}
                          for r in results],
                "aggregate": agg, "targets": targets(agg), "per_seed": fronts}

@@ -162,3 +162,8 @@ def test_quick_benchmark_end_to_end(tmp_path):
     assert merged["settings"]["patient_min_p"] == 0.05 and merged["methods"]["args"] == res["methods"]["args"]
     for m in DOCTOR_METHODS:
         assert merged["methods"][m] and all(p["setting"]["patient_min_p"] == 0.05 for p in merged["methods"][m])
+    # the workdir holds world 0: reusing it as another world is refused
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--reuse", "--world-seed", "1",
+                           "--workdir", str(tmp_path / "work"), "--output-dir", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "holds world 0, not --world-seed 1" in proc.stderr

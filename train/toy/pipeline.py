@@ -33,16 +33,18 @@ def engine_kwargs(**overrides) -> dict:
 
 
 def build_patient_and_pairs(root: str | Path, *, patient_steps: int = 300, pair_prompts: int = 256,
-                            samples_per_prompt: int = 4, max_new_tokens: int = MAX_TOKENS, measure: int = 64) -> dict:
+                            samples_per_prompt: int = 4, max_new_tokens: int = MAX_TOKENS, measure: int = 64,
+                            seed: int = 0) -> dict:
     """Trains the patient into ``root/patient/patient`` and samples preference pairs from it.
 
-    Returns :func:`~llmdoctor_train.toy.patient.build_toy_patient`'s dict plus ``prefs``: the pairs
-    with each reply after the space that follows ``"Assistant:"``, as Stage 1 scores them."""
+    ``seed`` is the world's: the patient's corpus, initialisation and training, and the pairs' prompts
+    and samples. Returns :func:`~llmdoctor_train.toy.patient.build_toy_patient`'s dict plus ``prefs``:
+    the pairs with each reply after the space that follows ``"Assistant:"``, as Stage 1 scores them."""
     from llmdoctor_train.toy.patient import build_toy_patient, make_preference_dataset
 
-    built = build_toy_patient(Path(root) / "patient", steps=patient_steps, measure=measure)
+    built = build_toy_patient(Path(root) / "patient", seed=seed, steps=patient_steps, measure=measure)
     prefs = make_preference_dataset(built["patient"], n_prompts=pair_prompts, samples_per_prompt=samples_per_prompt,
-                                    seed=0, max_new_tokens=max_new_tokens)
+                                    seed=seed, max_new_tokens=max_new_tokens)
     return built | {"prefs": world.as_scored(prefs)}
 
 
