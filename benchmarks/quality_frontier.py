@@ -212,10 +212,9 @@ def main(argv=None) -> dict:
         results = [merge_doctors(r, json.loads(Path(f).read_text())) for r, f in zip(results, files, strict=True)]
     fronts = [frontier(r) for r in results]
     agg = aggregate(fronts)
-    payload = {"sources": args.results, "doctors_from": args.doctors_from, "wellformed_min": WELLFORMED, "levels": LEVELS,
-               "seeds": [{k: r["settings"].get(k) for k in ("world_seed", "train_seed", "sample_seed", "tfpo_arg", "tag",
-                                                            "reward_sign", "patient_min_p")}
-                         for r in results],
+    seed_keys = ("world_seed", "train_seed", "sample_seed", "tfpo_arg", "tag", "reward_sign", "patient_min_p")
+    payload = {"sources": args.results, "doctors_from": args.doctors_from, "wellformed_min": WELLFORMED,
+               "levels": LEVELS, "seeds": [{k: r["settings"].get(k) for k in seed_keys} for r in results],
                "aggregate": agg, "targets": targets(agg), "per_seed": fronts}
     out = Path(args.output_dir)
     write_results(args.name, payload, out, command_line(__file__, argv), indent=1)

@@ -108,10 +108,10 @@ def static_decode_step(model, ids, capture: bool):
     step always writes position ``L`` and attends over the ``L`` cached tokens plus the new one, so
     every replay costs one decode step at that length. If capture fails the step runs eagerly
     over the same static cache (and the result says so)."""
+    import inspect
+
     import torch
     from transformers import StaticCache
-
-    import inspect
 
     B, L = ids.shape
     dev = ids.device

@@ -118,7 +118,7 @@ class GuidanceCore:
         # request comes or goes
         self.alpha_dev = torch.ones(self.max_slots, device=self.device)
         self.log_min_p_dev = torch.full((self.max_slots,), float("-inf"), device=self.device)
-        self._alpha_dirty = False
+        self._weights_dirty = False
         self._pending_nan: list = []  # (flags on the host, slots, generations, event): read a step later
         self.parked: dict = {}  # key -> (caches, step parked): requests left out of a step
         self.steps = 0
@@ -156,7 +156,7 @@ class GuidanceCore:
         self.guided[slot] = True
         self.alpha[slot], self.betas[slot], self.delta[slot] = g.alpha, g.betas, g.delta
         self.patient_min_p[slot] = g.patient_min_p
-        self._alpha_dirty = True
+        self._weights_dirty = True
         self._next_generation += 1
         self.generation[slot] = self._next_generation
         self.num_guided += 1
@@ -228,7 +228,7 @@ class GuidanceCore:
         """
         if not swap:
             self.remove(b)
-        self._alpha_dirty = True
+        self._weights_dirty = True
         arrays = (self.guided, self.alpha, self.betas, self.delta, self.patient_min_p, self.streams, self.ref_streams,
                   self.generation)
         for arr in arrays:
@@ -300,11 +300,11 @@ class GuidanceCore:
         if terms is None:
             return logits
         dev = logits.device
-        if self._alpha_dirty:
+        if self._weights_dirty:
             self.alpha_dev.copy_(to_device(self.alpha, dev), non_blocking=True)
             with np.errstate(divide="ignore"):
                 self.log_min_p_dev.copy_(to_device(np.log(self.patient_min_p), dev), non_blocking=True)
-            self._alpha_dirty = False
+            self._weights_dirty = False
         bad = torch.isnan(terms).any(dim=1)
         self._watch_nan(bad, slots)
         slots_t = to_device(slots, dev)

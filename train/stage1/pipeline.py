@@ -209,8 +209,8 @@ def _compute(data, patient, output, config, llm, tokenizer, engine_kwargs, progr
 
     from llmdoctor_train.stage1.data import BadRowError, DataError, check_columns, load_preferences
     from llmdoctor_train.stage1.scoring import build_engine, engine_max_len, score_with_vllm
-    from llmdoctor_vllm.api import close_engine
     from llmdoctor_train.stage1.tokens import tokenize_preferences
+    from llmdoctor_vllm.api import close_engine
     from llmdoctor_vllm.checkpoint import tokenizer_fingerprint
 
     ds = load_preferences(data, config.split) if isinstance(data, (str, Path)) else check_columns(data, "data")

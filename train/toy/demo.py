@@ -46,4 +46,5 @@ def run_demo(workdir: str | None = None, betas=(1.0, 2.0), train_steps: int = 30
     _say("5/5 Stage 3: plain vs guided decoding in one vLLM engine")
     llm = tp.guided_engine(patient, {"good": str(root / "doctor")})
     prompts = tp.eval_prompts(n_eval)
-    return tp.report(prompts, tp.compare(llm, prompts, tp.guidance_settings(betas, rules, patient_min_p))) | {"workdir": str(root)}
+    settings = tp.guidance_settings(betas, rules, patient_min_p)
+    return tp.report(prompts, tp.compare(llm, prompts, settings)) | {"workdir": str(root)}

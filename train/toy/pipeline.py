@@ -141,13 +141,11 @@ def generate(llm, prompts: list[str], extra: dict | None = None, *, n: int = 1, 
 def guidance_settings(betas, rules, patient_min_p: float = 0.0) -> dict[str, dict | None]:
     """``{"plain": None, "<rule> beta=<b>": request arguments}`` for every rule and beta, and with
     ``patient_min_p`` each of them again restricted to the patient's support."""
-    out = {"plain": None} | {f"{rule} beta={b:g}": {"llmdoctor_beta": b, "llmdoctor_rule": rule}
-                             for rule in rules for b in betas}
-    if patient_min_p:
-        out |= {f"{rule} beta={b:g} patient_min_p={patient_min_p:g}": {
-            "llmdoctor_beta": b, "llmdoctor_rule": rule, "llmdoctor_patient_min_p": patient_min_p}
-            for rule in rules for b in betas}
-    return out
+    supports = ({}, {"llmdoctor_patient_min_p": patient_min_p}) if patient_min_p else ({},)
+    return {"plain": None} | {
+        " ".join([f"{rule} beta={b:g}"] + [f"patient_min_p={v:g}" for v in sup.values()]):
+            {"llmdoctor_beta": b, "llmdoctor_rule": rule, **sup}
+        for sup in supports for rule in rules for b in betas}
 
 
 def compare(llm, prompts: list[str], settings: dict[str, dict | None]) -> dict[str, list[str]]:
