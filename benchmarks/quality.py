@@ -78,6 +78,9 @@ def parse_args(argv=None):
     g.add_argument("--reward-sign", choices=("label", "patient"), default="label",
                    help="Stage 1's sign of r for the TFPO doctor: the label (the paper's) or log pi_pos - log pi_neg "
                         "(scored into WORKDIR/rewards_patient)")
+    g.add_argument("--append-eos", action="store_true",
+                   help="both doctors train on responses that end in EOS (Stage 1's --append-eos, scored into "
+                        "WORKDIR/rewards[_patient]_eos), so they learn where replies stop, as TRL's DPO does")
     g.add_argument("--tag", default="", help="suffix of the TFPO doctor's folder (variants side by side)")
     s = p.add_argument_group("sweeps")
     s.add_argument("--betas", type=float, nargs="+", default=BETAS,
@@ -122,19 +125,23 @@ def build_patient_and_stage1(root: Path, args) -> tuple[dict, dict]:
         patient = {"patient": built["patient"], "rewards_by_instruction": built["rewards"],
                    "wellformed_by_instruction": built["wellformed"], "final_loss": built["final_loss"],
                    "build_seconds": built["build_seconds"]}
-    if args.reward_sign != "label" and not (rewards_dir(root, args) / "summary.json").exists():
-        from datasets import load_from_disk
+    for sign in {args.reward_sign, "label"}:  # the TFPO doctor's sign, and the label's for GenARM
+        if not (rewards_dir(root, args, sign) / "summary.json").exists():
+            from datasets import load_from_disk
 
-        from llmdoctor_train.stage1.pipeline import RewardsConfig, compute_rewards
+            from llmdoctor_train.stage1.pipeline import RewardsConfig, compute_rewards
 
-        compute_rewards(load_from_disk(str(root / "prefs")), patient["patient"], rewards_dir(root, args),
-                        RewardsConfig(reward_sign=args.reward_sign), engine_kwargs=tp.engine_kwargs(), progress=False)
+            compute_rewards(load_from_disk(str(root / "prefs")), patient["patient"], rewards_dir(root, args, sign),
+                            RewardsConfig(reward_sign=sign, append_eos=args.append_eos),
+                            engine_kwargs=tp.engine_kwargs(), progress=False)
     return patient, stage1_summary(root, rewards_dir(root, args))
 
 
-def rewards_dir(root: Path, args) -> Path:
-    """Stage 1's output for the TFPO doctor: ``rewards`` (the label's sign) or ``rewards_<sign>``."""
-    return root / ("rewards" if args.reward_sign == "label" else f"rewards_{args.reward_sign}")
+def rewards_dir(root: Path, args, sign: str | None = None) -> Path:
+    """Stage 1's output for a doctor: ``rewards`` (the label's sign) or ``rewards_<sign>``, plus ``_eos`` with
+    ``--append-eos``; ``sign`` defaults to the TFPO doctor's (GenARM's pairs are read with the label's)."""
+    sign = sign or args.reward_sign
+    return root / (("rewards" if sign == "label" else f"rewards_{sign}") + ("_eos" if args.append_eos else ""))
 
 
 def stage1_summary(root: Path, rewards: Path) -> dict:
@@ -163,11 +170,11 @@ def train_doctors(root: Path, patient: str, args) -> dict:
     jobs, paths, t0 = {}, {}, time.perf_counter()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     for loss in ("tfpo", "genarm"):
-        tag = f"_s{args.train_seed}" + (args.tag if loss == "tfpo" and args.tag else "")
+        tag = f"_s{args.train_seed}" + ("_eos" if args.append_eos else "") + (args.tag if loss == "tfpo" else "")
         paths[loss] = str(root / f"doctor_{loss}{tag}")
         if args.reuse and (Path(paths[loss]) / "llmdoctor.json").exists():
             continue
-        rewards = rewards_dir(root, args) if loss == "tfpo" else root / "rewards"
+        rewards = rewards_dir(root, args, None if loss == "tfpo" else "label")
         cmd = [sys.executable, "-m", "llmdoctor_train.cli",
                *tp.train_command(rewards, patient, paths[loss], steps=args.train_steps, loss_type=loss,
                                  trained_for=f"toy: good words ({loss})", seed=args.train_seed,

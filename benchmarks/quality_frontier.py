@@ -188,8 +188,8 @@ def merge_doctors(base: dict, variant: dict) -> dict:
             base["methods"]["patient"][0]["reward"] != variant["methods"]["patient"][0]["reward"]:
         raise SystemExit(f"quality_frontier: {variant['command']!r} does not match {base['command']!r}")
     methods = base["methods"] | {m: variant["methods"][m] for m in DOCTOR_METHODS if variant["methods"].get(m)}
-    settings = base["settings"] | {k: variant["settings"][k] for k in ("tfpo_arg", "tag", "reward_sign",
-                                                                       "patient_min_p") if k in variant["settings"]}
+    varied = ("tfpo_arg", "tag", "reward_sign", "append_eos", "patient_min_p")
+    settings = base["settings"] | {k: variant["settings"][k] for k in varied if k in variant["settings"]}
     return base | {"methods": methods, "settings": settings}
 
 
@@ -212,7 +212,8 @@ def main(argv=None) -> dict:
         results = [merge_doctors(r, json.loads(Path(f).read_text())) for r, f in zip(results, files, strict=True)]
     fronts = [frontier(r) for r in results]
     agg = aggregate(fronts)
-    seed_keys = ("world_seed", "train_seed", "sample_seed", "tfpo_arg", "tag", "reward_sign", "patient_min_p")
+    seed_keys = ("world_seed", "train_seed", "sample_seed", "tfpo_arg", "tag", "reward_sign", "append_eos",
+                 "patient_min_p")
     payload = {"sources": args.results, "doctors_from": args.doctors_from, "wellformed_min": WELLFORMED,
                "levels": LEVELS, "seeds": [{k: r["settings"].get(k) for k in seed_keys} for r in results],
                "aggregate": agg, "targets": targets(agg), "per_seed": fronts}

@@ -149,17 +149,29 @@ def test_quick_benchmark_end_to_end(tmp_path):
     for f in ("quality.md", "quality.png", "quality_compute.png"):
         assert (out / f).stat().st_size > 0
 
-    # a decoding variant: both doctors again, with patient_min_p, no baselines; merged onto the base run
+    # a variant: both doctors trained again on EOS-ended pairs and decoded with patient_min_p, no
+    # baselines; merged onto the base run
     proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--reuse", "--doctors-only",
-                           "--patient-min-p", "0.05", "--workdir", str(tmp_path / "work"), "--output-dir", str(out),
-                           "--name", "variant"], cwd=REPO, env=env, capture_output=True, text=True)
+                           "--append-eos", "--patient-min-p", "0.05", "--workdir", str(tmp_path / "work"),
+                           "--output-dir", str(out), "--name", "variant"], cwd=REPO, env=env, capture_output=True,
+                          text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     variant = json.loads((out / "variant.json").read_text())
     assert not variant["methods"]["args"] and not variant["methods"]["aisp"]
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(res["patient"]["patient"]).eos_token_id
+    with_eos, without = (load_from_disk(str(tmp_path / "work" / d)) for d in ("rewards_eos", "rewards"))
+    assert all(ids[-1] == eos for ids in list(with_eos["chosen_ids"]) + list(with_eos["rejected_ids"]))
+    assert [ids + [eos] for ids in without["chosen_ids"]] == list(with_eos["chosen_ids"])
+    assert {Path(p).name for p in variant["doctors"]["paths"].values()} == {"doctor_tfpo_s42_eos",
+                                                                            "doctor_genarm_s42_eos"}
     from benchmarks.quality_frontier import DOCTOR_METHODS, merge_doctors
 
     merged = merge_doctors(res, variant)
-    assert merged["settings"]["patient_min_p"] == 0.05 and merged["methods"]["args"] == res["methods"]["args"]
+    assert merged["settings"]["patient_min_p"] == 0.05 and merged["settings"]["append_eos"] is True
+    assert merged["methods"]["args"] == res["methods"]["args"]
     for m in DOCTOR_METHODS:
         assert merged["methods"][m] and all(p["setting"]["patient_min_p"] == 0.05 for p in merged["methods"][m])
     # the workdir holds world 0: reusing it as another world is refused
