@@ -127,6 +127,28 @@ def _cell(s: dict, words: dict | None = None) -> str:
     return f"{s['mean']:+.2f} ± {s['std']:.2f} ({s['min']:+.2f}…{s['max']:+.2f}{n})"
 
 
+def paired(fronts: list[dict], levels=LEVELS, ours: str = "llmdoctor", other: str = "genarm") -> dict:
+    """Per level, ``ours - other`` seed by seed (the same world, prompts and sampling seeds), on the
+    frontier and at the crossing: mean, spread and standard error of the mean over the seeds where
+    both have a value. Pairing removes what the seeds share, so it says more than two separate means."""
+    out = {}
+    for lv in (f"{x:.2f}" for x in levels):
+        front = [f[ours][lv]["reward"] - f[other][lv]["reward"] for f in fronts if f[ours][lv] and f[other][lv]]
+        cross = [f["crossing"][ours][lv] - f["crossing"][other][lv] for f in fronts
+                 if f["crossing"][ours][lv] is not None and f["crossing"][other][lv] is not None]
+        out[lv] = {k: (st := _stats(d)) | ({"sem": st["std"] / np.sqrt(st["n"])} if st["n"] else {})
+                   for k, d in (("frontier", front), ("crossing", cross))}
+    return out
+
+
+def _paired_md(diff: dict) -> str:
+    cell = lambda s: "—" if not s.get("n") else f"{s['mean']:+.2f} ± {s['sem']:.2f} ({s['n']} seeds)"  # noqa: E731
+    return ("\nLLMdoctor − GenARM seed by seed (mean ± standard error of the mean):\n\n| | "
+            + " | ".join(f"distinct-2 {x}" for x in diff) + " |\n|---|" + "---|" * len(diff) + "\n"
+            + "\n".join(f"| {k} | " + " | ".join(cell(diff[x][k]) for x in diff) + " |" for k in ("frontier", "crossing"))
+            + "\n")
+
+
 def markdown(agg: dict, levels=LEVELS) -> str:
     """The frontier table (mean ± std (range; mean words) over seeds) and the length table."""
     lv = [f"{x:.2f}" for x in levels]
@@ -216,10 +238,11 @@ def main(argv=None) -> dict:
                  "patient_min_p")
     payload = {"sources": args.results, "doctors_from": args.doctors_from, "wellformed_min": WELLFORMED,
                "levels": LEVELS, "seeds": [{k: r["settings"].get(k) for k in seed_keys} for r in results],
-               "aggregate": agg, "targets": targets(agg), "per_seed": fronts}
+               "aggregate": agg, "paired_llmdoctor_minus_genarm": paired(fronts), "targets": targets(agg),
+               "per_seed": fronts}
     out = Path(args.output_dir)
     write_results(args.name, payload, out, command_line(__file__, argv), indent=1)
-    md = markdown(agg)
+    md = markdown(agg) + _paired_md(payload["paired_llmdoctor_minus_genarm"])
     (out / f"{args.name}.md").write_text(f"# The fluent frontier over seeds\n\n`{command_line(__file__, argv)}`\n\n"
                                          + md + f"\nTargets: {json.dumps(payload['targets'])}\n")
     plot(results, out / f"{args.name}.png")

@@ -87,7 +87,7 @@ def test_targets_pick_points_within_the_diversity_floor():
 
 
 def test_fluent_frontier_and_its_length_share():
-    from benchmarks.quality_frontier import aggregate, frontier, targets
+    from benchmarks.quality_frontier import aggregate, frontier, paired, targets
 
     pt = lambda r, d2, wf=1.0, w=10.0: {"reward": r, "distinct_2": d2, "wellformed": wf, "mean_words": w,  # noqa: E731
                                         "setting": {}}
@@ -117,6 +117,13 @@ def test_fluent_frontier_and_its_length_share():
     assert t["0.25"]["llmdoctor_crossing"] == pytest.approx(2.0 + 6.0 / 9 + 0.5) and t["0.25"]["ge_genarm_crossing"]
     assert t["0.20"]["ge_genarm"] is True and t["0.20"]["ge_best_of_16"] is True
     assert t["0.30"]["genarm"] == pytest.approx(2.2) and t["0.30"]["best_of_16"] == pytest.approx(2.4)
+    # LLMdoctor - GenARM seed by seed: 0.4, 0.9, 1.4 at 0.20; at the 0.25 crossing 2/3 - 0.4 + shift
+    d = paired([f, frontier(run(0.5)), frontier(run(1.0))])
+    assert (d["0.20"]["frontier"]["n"], d["0.20"]["frontier"]["mean"]) == (3, pytest.approx(0.9))
+    assert d["0.20"]["frontier"]["sem"] == pytest.approx(0.5 / 3 ** 0.5)
+    assert d["0.30"]["frontier"]["mean"] == pytest.approx(0.3)
+    assert d["0.25"]["crossing"]["mean"] == pytest.approx(6.0 / 9 - 0.4 + 0.5)
+    assert d["0.20"]["crossing"] == {"n": 0}  # LLMdoctor's sweep does not cross 0.20
 
 
 def test_quick_benchmark_end_to_end(tmp_path):
