@@ -17,14 +17,14 @@ from benchmarks.common import save_figure
 
 
 def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64, rewards: Path | None = None) -> dict:
-    """What each LoRA doctor learned, adapter on vs off (the delta rule's reference), in transformers.
+    """What each doctor learned against its reference (the delta rule's: a LoRA doctor with its adapter
+    off, a full one's starting weights), in transformers.
 
     ``slots``: mean probability of the good and of the bad words at the adverb slot ("... Assistant:
     The cat _") and the verb slot ("... The cat quickly _") of held-out prompts. ``pairs``: on up to
     ``n_pairs`` training pairs, the doctor's shift of ``log p(chosen) - log p(rejected)`` against
     Stage 1's target ``sum r(chosen) - sum r(rejected)`` (TFPO's optimum matches them; GenARM's
     loss scales them by 1 / beta_r)."""
-    import contextlib
     import random
 
     import torch
@@ -47,33 +47,41 @@ def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64, re
     out = {}
     with torch_threads(1), torch.no_grad():
         for name, path in paths.items():
-            model = load_doctor(path, load_reference=False).model.eval()
-
-            def logp(run, enc):  # next-token log-probs at every position, adapter on (run=model) or off
-                return torch.log_softmax(run(**enc).logits, -1)
-
+            doctor, reference = _doctor_and_reference(load_doctor(path))
             res = {"slots": {}}
             for slot, (texts, good, bad) in slots.items():
                 enc = tok(texts, return_tensors="pt", padding=True)
                 last = enc["attention_mask"].sum(1) - 1
-                for tag, ctx in (("doctor", None), ("reference", model.disable_adapter)):
-                    with ctx() if ctx else contextlib.nullcontext():
-                        lp = logp(model, enc)[torch.arange(len(texts)), last].exp()
+                for tag, run in (("doctor", doctor), ("reference", reference)):
+                    lp = torch.softmax(run(**enc).logits[torch.arange(len(texts)), last], -1)
                     res["slots"][f"{slot}_{tag}"] = {"p_good": float(lp[:, good].sum(1).mean()),
                                                      "p_bad": float(lp[:, bad].sum(1).mean())}
-            shift, target = _pair_shifts(model, pairs)
+            shift, target = _pair_shifts(doctor, reference, pairs)
             res["pairs"] = {"logratio_shift": float(np.mean(shift)), "stage1_target": float(np.mean(target)),
                             "pearson": pearson(shift, target), "n": len(shift)}
             out[name] = res
-            del model
+            del doctor, reference
     return out
 
 
-def _pair_shifts(model, pairs) -> tuple[list[float], list[float]]:
-    """Per pair: the doctor's shift of ``log p(chosen) - log p(rejected)`` (adapter on minus off),
-    and Stage 1's target ``sum r(chosen) - sum r(rejected)``."""
-    import contextlib
+def _doctor_and_reference(loaded):
+    """Two forwards of a loaded doctor: its LM, and its reference (adapter off, or the starting weights)."""
+    model = loaded.model.eval()
+    if loaded.manifest.kind == "full":
+        if loaded.reference_model is None:
+            raise ValueError(f"{loaded.path}: a full doctor whose manifest names no reference cannot be probed")
+        return model, loaded.reference_model.eval()
 
+    def reference(**inputs):
+        with model.disable_adapter():
+            return model(**inputs)
+
+    return model, reference
+
+
+def _pair_shifts(doctor, reference, pairs) -> tuple[list[float], list[float]]:
+    """Per pair: the doctor's shift of ``log p(chosen) - log p(rejected)`` (doctor minus reference),
+    and Stage 1's target ``sum r(chosen) - sum r(rejected)``."""
     import torch
 
     shift, target = [], []
@@ -82,9 +90,8 @@ def _pair_shifts(model, pairs) -> tuple[list[float], list[float]]:
         for side, sign in (("chosen", 1), ("rejected", -1)):
             x = torch.tensor([r["prompt_ids"] + r[f"{side}_ids"]])
             n = len(r["prompt_ids"])
-            for ctx, w in ((None, 1), (model.disable_adapter, -1)):
-                with ctx() if ctx else contextlib.nullcontext():
-                    lp = torch.log_softmax(model(input_ids=x).logits, -1)[0, n - 1:-1].gather(1, x[0, n:, None]).sum()
+            for run, w in ((doctor, 1), (reference, -1)):
+                lp = torch.log_softmax(run(input_ids=x).logits, -1)[0, n - 1:-1].gather(1, x[0, n:, None]).sum()
                 total += sign * w * float(lp)
         shift.append(total)
         target.append(sum(r["chosen_rewards"]) - sum(r["rejected_rewards"]))
@@ -99,7 +106,7 @@ def probe_lines(probe: dict) -> list[str]:
         slots = "; ".join(f"{k} P(good)/P(bad) {sl[k + '_reference']['p_good']:.2f}/{sl[k + '_reference']['p_bad']:.2f}"
                           f" -> {sl[k + '_doctor']['p_good']:.2f}/{sl[k + '_doctor']['p_bad']:.2f}"
                           for k in ("adverb", "verb"))
-        lines.append(f"{name}: {slots} (adapter off -> on); pair log-ratio shift {r['pairs']['logratio_shift']:+.2f} "
+        lines.append(f"{name}: {slots} (reference -> doctor); pair log-ratio shift {r['pairs']['logratio_shift']:+.2f} "
                      f"vs Stage 1 target {r['pairs']['stage1_target']:+.2f} (pearson {r['pairs']['pearson']:.2f})")
     return lines
 

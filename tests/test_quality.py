@@ -186,3 +186,34 @@ def test_quick_benchmark_end_to_end(tmp_path):
                            "--workdir", str(tmp_path / "work"), "--output-dir", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "holds world 0, not --world-seed 1" in proc.stderr
+
+
+def test_probe_compares_each_doctor_with_its_own_reference(tiny, hf_models):
+    """The quality probe's reference is the delta rule's: a full doctor's starting weights, a LoRA
+    doctor's base with the adapter off; the pair shift is doctor minus reference, chosen minus rejected."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from benchmarks.quality_report import _doctor_and_reference, _pair_shifts
+
+    _, doctors = hf_models
+    x = torch.tensor([[1, 5, 9, 2, 7, 3]])
+    pair = {"prompt_ids": [1, 5], "chosen_ids": [9, 2], "rejected_ids": [7], "chosen_rewards": [0.5, 0.0],
+            "rejected_rewards": [-0.3]}
+    assert {d.manifest.kind for d in doctors.values()} == {"full", "lora"}
+    for name, loaded in doctors.items():
+        doctor, reference = _doctor_and_reference(loaded)
+        expected = loaded.reference_model if loaded.manifest.kind == "full" else \
+            AutoModelForCausalLM.from_pretrained(tiny["root"] / "lora_base").eval()
+        with torch.no_grad():
+            ref_logits, doc_logits = reference(input_ids=x).logits, doctor(input_ids=x).logits
+            torch.testing.assert_close(ref_logits, expected(input_ids=x).logits)
+            assert not torch.allclose(ref_logits, doc_logits), name
+
+            def lp(run, ids):
+                t = torch.tensor([pair["prompt_ids"] + ids])
+                return float(torch.log_softmax(run(input_ids=t).logits, -1)[0, 1:-1].gather(1, t[0, 2:, None]).sum())
+
+            want = (lp(doctor, [9, 2]) - lp(reference, [9, 2])) - (lp(doctor, [7]) - lp(reference, [7]))
+            shift, target = _pair_shifts(doctor, reference, [pair])
+        assert shift == [pytest.approx(want, abs=1e-5)] and target == [pytest.approx(0.8)]
