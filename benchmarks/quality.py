@@ -45,6 +45,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engin
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+WORLD_KEYS = ("world_seed", "patient_steps", "pair_prompts", "samples_per_prompt", "max_tokens")  # what builds a world
 BETAS = [0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25, 1.5, 2.0, 3.0, 4.0]
 
 
@@ -113,16 +114,20 @@ def build_patient_and_stage1(root: Path, args) -> tuple[dict, dict]:
     ``--reuse``); returns the patient's summary and Stage 1's with its correlations."""
     folder = root / "patient" / "patient"
     marker = root / "world.json"  # absent in workdirs built before --world-seed: world 0
+    world = {k: getattr(args, k) for k in WORLD_KEYS}
     if args.reuse and (folder / "config.json").exists() and (root / "rewards" / "summary.json").exists():
-        held = json.loads(marker.read_text())["world_seed"] if marker.exists() else 0
-        if held != args.world_seed:
-            raise SystemExit(f"quality: {root} holds world {held}, not --world-seed {args.world_seed}")
+        held = json.loads(marker.read_text()) if marker.exists() else {"world_seed": 0}
+        if held["world_seed"] != args.world_seed:
+            raise SystemExit(f"quality: {root} holds world {held['world_seed']}, not --world-seed {args.world_seed}")
+        differ = {k: (v, world[k]) for k, v in held.items() if k in world and v != world[k]}
+        if differ:  # markers written before the sizes were recorded hold the seed only
+            raise SystemExit(f"quality: {root} was built with other world sizes (held, asked): {differ}")
         patient = {"patient": str(folder), "reused": True}
     else:
         built = tp.build_patient_and_pairs(root, patient_steps=args.patient_steps, pair_prompts=args.pair_prompts,
                                            samples_per_prompt=args.samples_per_prompt,
                                            max_new_tokens=args.max_tokens, measure=32, seed=args.world_seed)
-        marker.write_text(json.dumps({"world_seed": args.world_seed}))
+        marker.write_text(json.dumps(world))
         built["prefs"].save_to_disk(str(root / "prefs"))
         tp.score_pairs(built["prefs"], built["patient"], root / "rewards", progress=False)
         patient = {"patient": built["patient"], "rewards_by_instruction": built["rewards"],

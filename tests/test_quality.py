@@ -186,6 +186,11 @@ def test_quick_benchmark_end_to_end(tmp_path):
                            "--workdir", str(tmp_path / "work"), "--output-dir", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "holds world 0, not --world-seed 1" in proc.stderr
+    # ... and so is reusing it with other world sizes (more preference pairs)
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--reuse", "--pair-prompts", "30",
+                           "--workdir", str(tmp_path / "work"), "--output-dir", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "other world sizes" in proc.stderr and "'pair_prompts': (24, 30)" in proc.stderr
 
 
 def test_probe_compares_each_doctor_with_its_own_reference(tiny, hf_models):
