@@ -24,7 +24,8 @@ def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64, re
     The cat _") and the verb slot ("... The cat quickly _") of held-out prompts. ``pairs``: on up to
     ``n_pairs`` training pairs, the doctor's shift of ``log p(chosen) - log p(rejected)`` against
     Stage 1's target ``sum r(chosen) - sum r(rejected)`` (TFPO's optimum matches them; GenARM's
-    loss scales them by 1 / beta_r)."""
+    loss scales them by 1 / beta_r). ``stop``: the probability of ending the reply (EOS or a newline)
+    right after one complete neutral sentence: what sets reply length, which the reward counts."""
     import random
 
     import torch
@@ -42,6 +43,9 @@ def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64, re
     slots = {"adverb": (heads, ids(world.GOOD_ADVERBS), ids(world.BAD_ADVERBS)),
              "verb": ([h + " " + rng.choice(world.NEUTRAL_ADVERBS) for h in heads], ids(world.GOOD_VERBS),
                       ids(world.BAD_VERBS))}
+    sentence = [h + " " + " ".join(rng.choice(w) for w in (world.NEUTRAL_ADVERBS, world.NEUTRAL_VERBS, world.OBJECTS))
+                + "." for h in heads]
+    stops = [tok.eos_token_id] + [i for i in range(len(tok)) if "\n" in tok.decode([i])]
     pairs = load_from_disk(str(rewards or root / "rewards"))  # Stage 1's output the TFPO doctor trained on
     pairs = pairs.select(range(min(n_pairs, len(pairs))))
     out = {}
@@ -56,6 +60,10 @@ def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64, re
                     lp = torch.softmax(run(**enc).logits[torch.arange(len(texts)), last], -1)
                     res["slots"][f"{slot}_{tag}"] = {"p_good": float(lp[:, good].sum(1).mean()),
                                                      "p_bad": float(lp[:, bad].sum(1).mean())}
+            enc = tok(sentence, return_tensors="pt", padding=True)
+            last = enc["attention_mask"].sum(1) - 1
+            res["stop"] = {tag: float(torch.softmax(run(**enc).logits[torch.arange(len(sentence)), last], -1)[:, stops]
+                                      .sum(1).mean()) for tag, run in (("reference", reference), ("doctor", doctor))}
             shift, target = _pair_shifts(doctor, reference, pairs)
             res["pairs"] = {"logratio_shift": float(np.mean(shift)), "stage1_target": float(np.mean(target)),
                             "pearson": pearson(shift, target), "n": len(shift)}
@@ -106,8 +114,10 @@ def probe_lines(probe: dict) -> list[str]:
         slots = "; ".join(f"{k} P(good)/P(bad) {sl[k + '_reference']['p_good']:.2f}/{sl[k + '_reference']['p_bad']:.2f}"
                           f" -> {sl[k + '_doctor']['p_good']:.2f}/{sl[k + '_doctor']['p_bad']:.2f}"
                           for k in ("adverb", "verb"))
-        lines.append(f"{name}: {slots} (reference -> doctor); pair log-ratio shift {r['pairs']['logratio_shift']:+.2f} "
-                     f"vs Stage 1 target {r['pairs']['stage1_target']:+.2f} (pearson {r['pairs']['pearson']:.2f})")
+        stop = f"; P(stop after a sentence) {r['stop']['reference']:.2f} -> {r['stop']['doctor']:.2f}" \
+            if "stop" in r else ""
+        lines.append(f"{name}: {slots}{stop} (reference -> doctor); pair log-ratio shift "
+                     f"{r['pairs']['logratio_shift']:+.2f} vs Stage 1 target {r['pairs']['stage1_target']:+.2f} (pearson {r['pairs']['pearson']:.2f})")
     return lines
 
 

@@ -152,7 +152,11 @@ def test_quick_benchmark_end_to_end(tmp_path):
             assert p["perplexity"] > 1 and p["compute"] > 0
     assert res["methods"]["patient"][0]["win_rate"] == 0.5
     assert 0 < res["stage1"]["fraction_rewarded"] <= 1 and "pearson_gap" in res["stage1"]
-    assert set(res["doctors"]["probe"]) == {"tfpo", "genarm"}
+    probe = res["doctors"]["probe"]
+    assert set(probe) == {"tfpo", "genarm"}
+    # both LoRA doctors sit on the patient, so their references' P(stop) are the patient's, equal
+    assert 0 < probe["tfpo"]["stop"]["reference"] < 1 and 0 < probe["tfpo"]["stop"]["doctor"] < 1
+    assert probe["tfpo"]["stop"]["reference"] == pytest.approx(probe["genarm"]["stop"]["reference"], rel=1e-5)
     for f in ("quality.md", "quality.png", "quality_compute.png"):
         assert (out / f).stat().st_size > 0
 
