@@ -133,12 +133,12 @@ def build_patient_and_stage1(root: Path, args) -> tuple[dict, dict]:
         patient = {"patient": built["patient"], "rewards_by_instruction": built["rewards"],
                    "wellformed_by_instruction": built["wellformed"], "final_loss": built["final_loss"],
                    "build_seconds": built["build_seconds"]}
-    for sign in {args.reward_sign, "label"}:  # the TFPO doctor's sign, and the label's for GenARM
+    from datasets import load_from_disk
+
+    from llmdoctor_train.stage1.pipeline import RewardsConfig, compute_rewards
+
+    for sign in dict.fromkeys((args.reward_sign, "label")):  # the TFPO doctor's sign, and the label's for GenARM
         if not (rewards_dir(root, args, sign) / "summary.json").exists():
-            from datasets import load_from_disk
-
-            from llmdoctor_train.stage1.pipeline import RewardsConfig, compute_rewards
-
             compute_rewards(load_from_disk(str(root / "prefs")), patient["patient"], rewards_dir(root, args, sign),
                             RewardsConfig(reward_sign=sign, append_eos=args.append_eos),
                             engine_kwargs=tp.engine_kwargs(), progress=False)

@@ -52,24 +52,28 @@ def probe_doctors(root: Path, paths: dict, n_prompts: int, n_pairs: int = 64, re
     with torch_threads(1), torch.no_grad():
         for name, path in paths.items():
             doctor, reference = _doctor_and_reference(load_doctor(path))
-            res = {"slots": {}}
-            for slot, (texts, good, bad) in slots.items():
-                enc = tok(texts, return_tensors="pt", padding=True)
-                last = enc["attention_mask"].sum(1) - 1
-                for tag, run in (("doctor", doctor), ("reference", reference)):
-                    lp = torch.softmax(run(**enc).logits[torch.arange(len(texts)), last], -1)
-                    res["slots"][f"{slot}_{tag}"] = {"p_good": float(lp[:, good].sum(1).mean()),
-                                                     "p_bad": float(lp[:, bad].sum(1).mean())}
-            enc = tok(sentence, return_tensors="pt", padding=True)
-            last = enc["attention_mask"].sum(1) - 1
-            res["stop"] = {tag: float(torch.softmax(run(**enc).logits[torch.arange(len(sentence)), last], -1)[:, stops]
-                                      .sum(1).mean()) for tag, run in (("reference", reference), ("doctor", doctor))}
+            res = {"slots": {}, "stop": {}}
+            for tag, run in (("doctor", doctor), ("reference", reference)):
+                for slot, (texts, good, bad) in slots.items():
+                    p = _next_token_probs(run, tok, texts)
+                    res["slots"][f"{slot}_{tag}"] = {"p_good": float(p[:, good].sum(1).mean()),
+                                                     "p_bad": float(p[:, bad].sum(1).mean())}
+                res["stop"][tag] = float(_next_token_probs(run, tok, sentence)[:, stops].sum(1).mean())
             shift, target = _pair_shifts(doctor, reference, pairs)
             res["pairs"] = {"logratio_shift": float(np.mean(shift)), "stage1_target": float(np.mean(target)),
                             "pearson": pearson(shift, target), "n": len(shift)}
             out[name] = res
             del doctor, reference
     return out
+
+
+def _next_token_probs(run, tok, texts: list[str]):
+    """``[len(texts), V]``: the next-token distribution of a forward ``run`` after each text (right-padded batch)."""
+    import torch
+
+    enc = tok(texts, return_tensors="pt", padding=True)
+    last = enc["attention_mask"].sum(1) - 1
+    return torch.softmax(run(**enc).logits[torch.arange(len(texts)), last], -1)
 
 
 def _doctor_and_reference(loaded):
@@ -114,10 +118,10 @@ def probe_lines(probe: dict) -> list[str]:
         slots = "; ".join(f"{k} P(good)/P(bad) {sl[k + '_reference']['p_good']:.2f}/{sl[k + '_reference']['p_bad']:.2f}"
                           f" -> {sl[k + '_doctor']['p_good']:.2f}/{sl[k + '_doctor']['p_bad']:.2f}"
                           for k in ("adverb", "verb"))
-        stop = f"; P(stop after a sentence) {r['stop']['reference']:.2f} -> {r['stop']['doctor']:.2f}" \
-            if "stop" in r else ""
+        stop = f"; P(stop after a sentence) {r['stop']['reference']:.2f} -> {r['stop']['doctor']:.2f}"
         lines.append(f"{name}: {slots}{stop} (reference -> doctor); pair log-ratio shift "
-                     f"{r['pairs']['logratio_shift']:+.2f} vs Stage 1 target {r['pairs']['stage1_target']:+.2f} (pearson {r['pairs']['pearson']:.2f})")
+                     f"{r['pairs']['logratio_shift']:+.2f} vs Stage 1 target {r['pairs']['stage1_target']:+.2f} "
+                     f"(pearson {r['pairs']['pearson']:.2f})")
     return lines
 
 

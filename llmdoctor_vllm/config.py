@@ -36,8 +36,9 @@ class GuidanceConfigError(ValueError):
 MAX_WEIGHT = 1000.0  # |alpha|, beta above this overflow float32 log-probability sums
 
 
-def _number(value, name: str, *, minimum: float | None = None) -> float:
-    """A weight: a finite number (in float32 too, as the worker holds it) within ``[minimum, MAX_WEIGHT]``."""
+def _number(value, name: str, *, minimum: float | None = None, maximum: float = MAX_WEIGHT) -> float:
+    """A weight: a finite number (in float32 too, as the worker holds it) within ``[minimum, maximum]``
+    (``maximum`` 1 for a probability fraction such as ``patient_min_p``)."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ValueError(f"{name} must be a number, got {value!r}")
     try:
@@ -48,16 +49,9 @@ def _number(value, name: str, *, minimum: float | None = None) -> float:
         raise ValueError(f"{name} must be finite, got {value!r}")
     if minimum is not None and x < minimum:
         raise ValueError(f"{name} must be >= {minimum:g}, got {value!r}")
-    if abs(x) > MAX_WEIGHT:
-        raise ValueError(f"{name} must be at most {MAX_WEIGHT:g} (larger weights overflow float32), got {value!r}")
-    return x
-
-
-def _fraction(value, name: str) -> float:
-    """A probability fraction in ``[0, 1]`` (``patient_min_p``)."""
-    x = _number(value, name, minimum=0.0)
-    if x > 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+    if x > maximum or abs(x) > MAX_WEIGHT:
+        why = " (larger weights overflow float32)" if maximum >= MAX_WEIGHT else ""
+        raise ValueError(f"{name} must be at most {maximum:g}{why}, got {value!r}")
     return x
 
 
@@ -123,7 +117,8 @@ class EngineGuidance:
             rule = raw.get("rule", "product")
             if rule not in RULES:
                 raise ValueError(f"llmdoctor rule must be one of {RULES}, got {rule!r}")
-            patient_min_p = _fraction(raw.get("patient_min_p", 0.0), "llmdoctor patient_min_p")
+            patient_min_p = _number(raw.get("patient_min_p", 0.0), "llmdoctor patient_min_p", minimum=0.0,
+                                    maximum=1.0)
             cache_tokens = raw.get("cache_tokens")
             if cache_tokens is not None and (not isinstance(cache_tokens, int) or isinstance(cache_tokens, bool)
                                              or cache_tokens < 16):
@@ -145,7 +140,8 @@ class EngineGuidance:
         except ValueError as e:
             raise GuidanceConfigError(str(e)) from None
         return cls(doctors=dict(doctors), alpha=alpha, beta=beta, rule=rule, patient_min_p=patient_min_p,
-                   cache_tokens=cache_tokens, block_size=block_size, dtype=dtype, prefill_chunk_tokens=chunk, cuda_graphs=graphs)
+                   cache_tokens=cache_tokens, block_size=block_size, dtype=dtype, prefill_chunk_tokens=chunk,
+                   cuda_graphs=graphs)
 
     def request(self, extra_args: dict | None) -> "RequestGuidance | None":
         """This engine's guidance for one request; ``None`` when it is not guided.
@@ -164,7 +160,8 @@ class EngineGuidance:
         rule = args.get(PREFIX + "rule", self.rule)
         if rule not in RULES:
             raise ValueError(f"{PREFIX}rule must be one of {list(RULES)}, got {rule!r}")
-        min_p = _fraction(args.get(PREFIX + "patient_min_p", self.patient_min_p), PREFIX + "patient_min_p")
+        min_p = _number(args.get(PREFIX + "patient_min_p", self.patient_min_p), PREFIX + "patient_min_p",
+                        minimum=0.0, maximum=1.0)
         chosen = args.get(PREFIX + "doctors")
         if chosen is not None:
             chosen = [chosen] if isinstance(chosen, str) else chosen
