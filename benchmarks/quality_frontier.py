@@ -120,10 +120,13 @@ def targets(agg: dict, levels=LEVELS) -> dict:
     return out
 
 
-def _cell(s: dict, words: dict | None = None) -> str:
+def _cell(s: dict, words: dict | None = None, seeds: int | None = None) -> str:
+    """``mean ± std (range; n seeds)``, or ``(range; mean words)`` beside a frontier reward, with the
+    seed count added when the method ran in fewer than ``seeds`` (e.g. doctors-only runs mixed in)."""
     if not s.get("n"):
         return "—"
     n = f"; {s['n']} seeds" if words is None else f"; {words['mean']:.1f} w"
+    n += f"; {s['n']} seeds" if words is not None and seeds is not None and s["n"] < seeds else ""
     return f"{s['mean']:+.2f} ± {s['std']:.2f} ({s['min']:+.2f}…{s['max']:+.2f}{n})"
 
 
@@ -153,8 +156,9 @@ def markdown(agg: dict, levels=LEVELS) -> str:
     """The frontier table (mean ± std (range; mean words) over seeds) and the length table."""
     lv = [f"{x:.2f}" for x in levels]
     head = "| method | " + " | ".join(f"distinct-2 ≥ {x}" for x in lv) + " |\n|---|" + "---|" * len(lv) + "\n"
-    rows = [f"| {LABELS[r]} | " + " | ".join(_cell(agg[r][x]["reward"], agg[r][x]["mean_words"]) for x in lv) + " |"
-            for r in ROWS]
+    seeds = agg["patient"]["reward"]["n"]
+    rows = [f"| {LABELS[r]} | " + " | ".join(_cell(agg[r][x]["reward"], agg[r][x]["mean_words"], seeds) for x in lv)
+            + " |" for r in ROWS]
     share = lambda s: "—" if not s.get("n") else f"{s['mean']:.0%}"  # noqa: E731
     at_len = lambda s: "—" if not s.get("n") else f"{s['mean']:+.2f}"  # noqa: E731
     rows2 = [f"| {LABELS[r]} | " + " | ".join(f"{at_len(agg[r][x]['reward_at_patient_length'])} / "

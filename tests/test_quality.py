@@ -87,7 +87,7 @@ def test_targets_pick_points_within_the_diversity_floor():
 
 
 def test_fluent_frontier_and_its_length_share():
-    from benchmarks.quality_frontier import aggregate, frontier, paired, targets
+    from benchmarks.quality_frontier import aggregate, frontier, markdown, paired, targets
 
     pt = lambda r, d2, wf=1.0, w=10.0: {"reward": r, "distinct_2": d2, "wellformed": wf, "mean_words": w,  # noqa: E731
                                         "setting": {}}
@@ -124,6 +124,10 @@ def test_fluent_frontier_and_its_length_share():
     assert d["0.30"]["frontier"]["mean"] == pytest.approx(0.3)
     assert d["0.25"]["crossing"]["mean"] == pytest.approx(6.0 / 9 - 0.4 + 0.5)
     assert d["0.20"]["crossing"] == {"n": 0}  # LLMdoctor's sweep does not cross 0.20
+    # a method missing from some seeds (doctors-only runs mixed in) says over how many seeds it is
+    short = frontier(run(1.0) | {"methods": {k: v for k, v in run(1.0)["methods"].items() if k != "best_of_16"}})
+    table = markdown(aggregate([f, frontier(run(0.5)), short]))
+    assert "(+2.40…+2.40; 10.0 w; 2 seeds)" in table and "(+3.00…+4.00; 15.0 w) |" in table
 
 
 def test_quick_benchmark_end_to_end(tmp_path):
