@@ -125,8 +125,9 @@ def _cell(s: dict, words: dict | None = None, seeds: int | None = None) -> str:
     seed count added when the method ran in fewer than ``seeds`` (e.g. doctors-only runs mixed in)."""
     if not s.get("n"):
         return "—"
-    n = f"; {s['n']} seeds" if words is None else f"; {words['mean']:.1f} w"
-    n += f"; {s['n']} seeds" if words is not None and seeds is not None and s["n"] < seeds else ""
+    count = f"; {s['n']} seed{'s' * (s['n'] != 1)}"
+    n = count if words is None else f"; {words['mean']:.1f} w"
+    n += count if words is not None and seeds is not None and s["n"] < seeds else ""
     return f"{s['mean']:+.2f} ± {s['std']:.2f} ({s['min']:+.2f}…{s['max']:+.2f}{n})"
 
 
@@ -145,7 +146,8 @@ def paired(fronts: list[dict], levels=LEVELS, ours: str = "llmdoctor", other: st
 
 
 def _paired_md(diff: dict) -> str:
-    cell = lambda s: "—" if not s.get("n") else f"{s['mean']:+.2f} ± {s['sem']:.2f} ({s['n']} seeds)"  # noqa: E731
+    cell = lambda s: ("—" if not s.get("n")  # noqa: E731
+                      else f"{s['mean']:+.2f} ± {s['sem']:.2f} ({s['n']} seed{'s' * (s['n'] != 1)})")
     return ("\nLLMdoctor − GenARM seed by seed (mean ± standard error of the mean):\n\n| | "
             + " | ".join(f"distinct-2 {x}" for x in diff) + " |\n|---|" + "---|" * len(diff) + "\n"
             + "\n".join(f"| {k} | " + " | ".join(cell(diff[x][k]) for x in diff) + " |" for k in ("frontier", "crossing"))
