@@ -37,13 +37,14 @@ def best_point(points: list[dict], level: float, wellformed: float = WELLFORMED)
     return max(ok, key=lambda p: p["reward"], default=None)
 
 
-def crossing(points: list[dict], level: float, wellformed: float = WELLFORMED) -> float | None:
-    """The reward where a one-knob sweep (``points`` in sweep order, e.g. rising beta) crosses
-    ``distinct_2 = level``: linear between consecutive fluent points on either side (the highest
-    crossing if there are several); None if the sweep does not cross it. Unlike ``best_point`` it
-    does not depend on where the grid happens to put a point."""
+def crossing(points: list[dict], level: float, wellformed: float = WELLFORMED,
+             value=lambda p: p["reward"]) -> float | None:
+    """The reward (or ``value(point)``) where a one-knob sweep (``points`` in sweep order, e.g. rising
+    beta) crosses ``distinct_2 = level``: linear between consecutive fluent points on either side (the
+    highest crossing if there are several); None if the sweep does not cross it. Unlike ``best_point``
+    it does not depend on where the grid happens to put a point."""
     ok = [p for p in points if p["wellformed"] >= wellformed]
-    found = [a["reward"] + (a["distinct_2"] - level) / (a["distinct_2"] - b["distinct_2"]) * (b["reward"] - a["reward"])
+    found = [value(a) + (a["distinct_2"] - level) / (a["distinct_2"] - b["distinct_2"]) * (value(b) - value(a))
              for a, b in zip(ok, ok[1:])
              if a["distinct_2"] != b["distinct_2"] and min(a["distinct_2"], b["distinct_2"]) <= level
              <= max(a["distinct_2"], b["distinct_2"])]
@@ -68,10 +69,18 @@ def frontier(result: dict, levels=LEVELS) -> dict:
         pts = [p for m in names for p in methods.get(m, [])]
         out[row] = {f"{lv:.2f}": (lambda b: b and length_terms(b, patient))(best_point(pts, lv)) for lv in levels}
     out["patient"] = length_terms(patient, patient) | {"length_part": 0.0, "length_share": None}
-    out["crossing"] = {row: {f"{lv:.2f}": max((c for m in names if m in SWEEPS
-                                               if (c := crossing(methods.get(m, []), lv)) is not None), default=None)
-                             for lv in levels}
-                       for row, names in ROWS.items() if any(m in SWEEPS for m in names)}
+    at_length = lambda p: length_terms(p, patient)["reward_at_patient_length"]  # noqa: E731
+    for row, names in ROWS.items():
+        sweeps = [m for m in names if m in SWEEPS]
+        if not sweeps:
+            continue
+        for lv in (f"{x:.2f}" for x in levels):
+            # a row with two rules takes the rule that crosses with the higher reward, in both views
+            found = [(c, m) for m in sweeps if (c := crossing(methods.get(m, []), float(lv))) is not None]
+            reward, rule = max(found, default=(None, None))
+            out.setdefault("crossing", {}).setdefault(row, {})[lv] = reward
+            out.setdefault("crossing_at_patient_length", {}).setdefault(row, {})[lv] = (
+                rule and crossing(methods[rule], float(lv), value=at_length))
     return out
 
 
@@ -96,9 +105,10 @@ def aggregate(fronts: list[dict], levels=LEVELS) -> dict:
                             "reward_at_patient_length": _stats([p["reward_at_patient_length"] for p in pts]),
                             "length_share": _stats(shares), "seeds_with_a_point": len(pts)}
     out["patient"] = {k: _stats([f["patient"][k] for f in fronts]) for k in ("reward", "mean_words", "distinct_2")}
-    out["crossing"] = {row: {lv: _stats([f["crossing"][row][lv] for f in fronts if f["crossing"][row][lv] is not None])
-                             for lv in fronts[0]["crossing"][row]}
-                       for row in fronts[0]["crossing"]}
+    for key in ("crossing", "crossing_at_patient_length"):
+        out[key] = {row: {lv: _stats([f[key][row][lv] for f in fronts if f[key][row][lv] is not None])
+                          for lv in fronts[0][key][row]}
+                    for row in fronts[0][key]}
     return out
 
 
@@ -138,10 +148,11 @@ def paired(fronts: list[dict], levels=LEVELS, ours: str = "llmdoctor", other: st
     out = {}
     for lv in (f"{x:.2f}" for x in levels):
         front = [f[ours][lv]["reward"] - f[other][lv]["reward"] for f in fronts if f[ours][lv] and f[other][lv]]
-        cross = [f["crossing"][ours][lv] - f["crossing"][other][lv] for f in fronts
-                 if f["crossing"][ours][lv] is not None and f["crossing"][other][lv] is not None]
+        cross = {k: [f[k][ours][lv] - f[k][other][lv] for f in fronts
+                     if f[k][ours][lv] is not None and f[k][other][lv] is not None]
+                 for k in ("crossing", "crossing_at_patient_length")}
         out[lv] = {k: (st := _stats(d)) | ({"sem": st["std"] / np.sqrt(st["n"])} if st["n"] else {})
-                   for k, d in (("frontier", front), ("crossing", cross))}
+                   for k, d in (("frontier", front), *cross.items())}
     return out
 
 
@@ -150,7 +161,8 @@ def _paired_md(diff: dict) -> str:
                       else f"{s['mean']:+.2f} ± {s['sem']:.2f} ({s['n']} seed{'s' * (s['n'] != 1)})")
     return ("\nLLMdoctor − GenARM seed by seed (mean ± standard error of the mean):\n\n| | "
             + " | ".join(f"distinct-2 {x}" for x in diff) + " |\n|---|" + "---|" * len(diff) + "\n"
-            + "\n".join(f"| {k} | " + " | ".join(cell(diff[x][k]) for x in diff) + " |" for k in ("frontier", "crossing"))
+            + "\n".join(f"| {k.replace('_', ' ')} | " + " | ".join(cell(diff[x][k]) for x in diff) + " |"
+                        for k in ("frontier", "crossing", "crossing_at_patient_length"))
             + "\n")
 
 
@@ -172,8 +184,15 @@ def markdown(agg: dict, levels=LEVELS) -> str:
             "of the gain over the patient that the extra length explains:\n\n" + head + "\n".join(rows2) + "\n"
             + "\nWhere each one-knob sweep crosses distinct-2 = the level (linear between neighbouring fluent points; "
             "mean ± std (range) over the seeds that cross it), which does not depend on where the grid puts points:\n\n"
-            + head.replace("≥", "=") + "\n".join(f"| {LABELS[r]} | " + " | ".join(_cell(agg["crossing"][r][x]) for x in lv) + " |"
-                                for r in agg["crossing"]) + "\n")
+            + _crossing_md(agg["crossing"], head) + "\n\nThe same crossing held at the patient's length (R × W_patient / W "
+            "along the sweep, for the rule that crosses with the higher reward):\n\n"
+            + _crossing_md(agg["crossing_at_patient_length"], head) + "\n")
+
+
+def _crossing_md(cross: dict, head: str) -> str:
+    lv = list(next(iter(cross.values())))
+    return head.replace("≥", "=") + "\n".join(f"| {LABELS[r]} | " + " | ".join(_cell(cross[r][x]) for x in lv) + " |"
+                                             for r in cross)
 
 
 def plot(results: list[dict], path: Path) -> None:

@@ -113,6 +113,10 @@ def test_fluent_frontier_and_its_length_share():
     assert f["crossing"]["llmdoctor"]["0.25"] == pytest.approx(2.0 + 6.0 / 9)
     assert f["crossing"]["llmdoctor"]["0.20"] is None  # no fluent point below 0.22
     assert f["crossing"]["genarm"]["0.25"] == pytest.approx(2.4) and "best_of_16" not in f["crossing"]
+    # the same crossing at the patient's length (R x 10 / W): 1.6 at 0.31 and 2.0 at 0.22
+    assert f["crossing_at_patient_length"]["llmdoctor"]["0.25"] == pytest.approx(1.6 + 0.4 * 6.0 / 9)
+    assert f["crossing_at_patient_length"]["genarm"]["0.25"] == pytest.approx(2.4)  # 10 words: no change
+    assert f["crossing_at_patient_length"]["llmdoctor"]["0.20"] is None
     t = targets(agg)
     assert t["0.25"]["llmdoctor_crossing"] == pytest.approx(2.0 + 6.0 / 9 + 0.5) and t["0.25"]["ge_genarm_crossing"]
     assert t["0.20"]["ge_genarm"] is True and t["0.20"]["ge_best_of_16"] is True
@@ -124,6 +128,7 @@ def test_fluent_frontier_and_its_length_share():
     assert d["0.30"]["frontier"]["mean"] == pytest.approx(0.3)
     assert d["0.25"]["crossing"]["mean"] == pytest.approx(6.0 / 9 - 0.4 + 0.5)
     assert d["0.20"]["crossing"] == {"n": 0}  # LLMdoctor's sweep does not cross 0.20
+    assert d["0.25"]["crossing_at_patient_length"]["n"] == 3
     # a method missing from some seeds (doctors-only runs mixed in) says over how many seeds it is
     short = frontier(run(1.0) | {"methods": {k: v for k, v in run(1.0)["methods"].items() if k != "best_of_16"}})
     table = markdown(aggregate([f, frontier(run(0.5)), short]))
