@@ -5,7 +5,9 @@ well-formed replies and distinct-2 >= 0.30 / 0.25 / 0.20, in each seed's ``quali
 the mean, standard deviation and range over seeds. Reply length sits beside reward: the task
 reward counts words, so a longer reply can earn more. ``length_part`` is the part of a point's
 gain over the patient that its extra length explains at its own reward density
-(``R - R * W_patient / W``); ``length_share`` is that part over the whole gain.
+(``R - R * W_patient / W``); ``length_share`` is that part over the whole gain. Where each one-knob
+sweep crosses a level is reported too (independent of where the grid puts points), as reward and
+as reward held at the patient's length; LLMdoctor minus GenARM is also given seed by seed.
 
     python -m benchmarks.quality_frontier benchmarks/results/quality_s*.json --name quality_seeds
 """
