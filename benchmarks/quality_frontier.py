@@ -72,18 +72,19 @@ def frontier(result: dict, levels=LEVELS) -> dict:
         out[row] = {f"{lv:.2f}": (lambda b: b and length_terms(b, patient))(best_point(pts, lv)) for lv in levels}
     out["patient"] = length_terms(patient, patient) | {"length_part": 0.0, "length_share": None}
     at_length = lambda p: length_terms(p, patient)["reward_at_patient_length"]  # noqa: E731
+    cross, cross_at_length = {}, {}
     for row, names in ROWS.items():
         sweeps = [m for m in names if m in SWEEPS]
         if not sweeps:
             continue
-        for lv in (f"{x:.2f}" for x in levels):
+        cross[row], cross_at_length[row] = {}, {}
+        for lv in levels:
             # a row with two rules takes the rule that crosses with the higher reward, in both views
-            found = [(c, m) for m in sweeps if (c := crossing(methods.get(m, []), float(lv))) is not None]
+            found = [(c, m) for m in sweeps if (c := crossing(methods.get(m, []), lv)) is not None]
             reward, rule = max(found, default=(None, None))
-            out.setdefault("crossing", {}).setdefault(row, {})[lv] = reward
-            out.setdefault("crossing_at_patient_length", {}).setdefault(row, {})[lv] = (
-                rule and crossing(methods[rule], float(lv), value=at_length))
-    return out
+            cross[row][f"{lv:.2f}"] = reward
+            cross_at_length[row][f"{lv:.2f}"] = rule and crossing(methods[rule], lv, value=at_length)
+    return out | {"crossing": cross, "crossing_at_patient_length": cross_at_length}
 
 
 def _stats(values: list[float]) -> dict:
@@ -137,9 +138,9 @@ def _cell(s: dict, words: dict | None = None, seeds: int | None = None) -> str:
     seed count added when the method ran in fewer than ``seeds`` (e.g. doctors-only runs mixed in)."""
     if not s.get("n"):
         return "—"
-    count = f"; {s['n']} seed{'s' * (s['n'] != 1)}"
-    n = count if words is None else f"; {words['mean']:.1f} w"
-    n += count if words is not None and seeds is not None and s["n"] < seeds else ""
+    n = "" if words is None else f"; {words['mean']:.1f} w"
+    if words is None or (seeds is not None and s["n"] < seeds):
+        n += f"; {s['n']} seed{'s' * (s['n'] != 1)}"
     return f"{s['mean']:+.2f} ± {s['std']:.2f} ({s['min']:+.2f}…{s['max']:+.2f}{n})"
 
 

@@ -18,8 +18,9 @@ def combine(patient_logits: torch.Tensor, alpha: torch.Tensor, doctor_terms: tor
     """Guided scores for ``G`` rows.
 
     ``patient_logits`` ``[G, V]`` (``-inf`` where vLLM masked a token); ``alpha`` ``[G]`` (``>= 0``);
-    ``doctor_terms`` ``[G, V']`` the already beta-weighted sum of doctor log-probability terms (``V' >= valid_vocab``). Columns past
-    ``valid_vocab`` (padding rows of the logits, no token of the tokenizer) become ``-inf``.
+    ``doctor_terms`` ``[G, V']`` the already beta-weighted sum of doctor log-probability terms
+    (``V' >= valid_vocab``). Columns past ``valid_vocab`` (padding rows of the logits, no token of
+    the tokenizer) become ``-inf``.
     ``log_min_p`` ``[G]``: per row, ``log(patient_min_p)`` (``-inf``: the full vocabulary); ``None``
     when no row restricts it. The patient's top token among the first ``valid_vocab`` always stays.
     """
