@@ -92,6 +92,8 @@ def parse_args(argv=None):
                         "distinct-2 0.20-0.33)")
     s.add_argument("--patient-min-p", type=float, default=0.0,
                    help="both doctors' points decoded with llmdoctor_patient_min_p (0: the full vocabulary)")
+    s.add_argument("--alpha", type=float, default=1.0,
+                   help="both doctors' points decoded with llmdoctor_alpha, the patient's weight (1: the paper's)")
     s.add_argument("--args-w", type=float, nargs="+", default=[0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
                    help="ARGS reward weights")
     s.add_argument("--args-k", type=int, default=10, help="ARGS candidates (10)")

@@ -238,7 +238,7 @@ def merge_doctors(base: dict, variant: dict) -> dict:
             base["methods"]["patient"][0]["reward"] != variant["methods"]["patient"][0]["reward"]:
         raise SystemExit(f"quality_frontier: {variant['command']!r} does not match {base['command']!r}")
     methods = base["methods"] | {m: variant["methods"][m] for m in DOCTOR_METHODS if variant["methods"].get(m)}
-    varied = ("tfpo_arg", "tag", "reward_sign", "append_eos", "patient_min_p")
+    varied = ("tfpo_arg", "tag", "reward_sign", "append_eos", "patient_min_p", "alpha")
     settings = base["settings"] | {k: variant["settings"][k] for k in varied if k in variant["settings"]}
     return base | {"methods": methods, "settings": settings}
 
@@ -263,7 +263,7 @@ def main(argv=None) -> dict:
     fronts = [frontier(r) for r in results]
     agg = aggregate(fronts)
     seed_keys = ("world_seed", "train_seed", "sample_seed", "tfpo_arg", "tag", "reward_sign", "append_eos",
-                 "patient_min_p")
+                 "patient_min_p", "alpha")
     payload = {"sources": args.results, "doctors_from": args.doctors_from, "wellformed_min": WELLFORMED,
                "levels": LEVELS, "seeds": [{k: r["settings"].get(k) for k in seed_keys} for r in results],
                "aggregate": agg, "paired_llmdoctor_minus_genarm": paired(fronts), "targets": targets(agg),

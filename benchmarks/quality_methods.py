@@ -89,13 +89,16 @@ def run_decoding(bench: Bench, args) -> dict:
     methods["patient"].append(bench.point({}, [t[0] for t in texts], _compute(toks, dt)))
 
     support = {"llmdoctor_patient_min_p": args.patient_min_p} if args.patient_min_p else {}
+    if args.alpha != 1.0:
+        support["llmdoctor_alpha"] = args.alpha
     for doctor, prefix in (("tfpo", "llmdoctor"), ("genarm", "genarm"))[:1 if args.tfpo_only else 2]:
         for rule in ("product", "delta"):
             passes = 1 if rule == "product" else 2  # delta: the doctor with its adapter on and off
             for b in args.betas:
                 texts, toks, dt = bench.sample({f"llmdoctor_beta_{doctor}": b, "llmdoctor_rule": rule, **support})
                 setting = {"beta": b, "rule": rule, "doctor": doctor} | (
-                    {"patient_min_p": args.patient_min_p} if support else {})
+                    {"patient_min_p": args.patient_min_p} if args.patient_min_p else {}) | (
+                    {"alpha": args.alpha} if args.alpha != 1.0 else {})
                 methods[f"{prefix}_{rule}"].append(bench.point(setting, [t[0] for t in texts],
                                                                _compute(toks, dt, doctor=passes * toks)))
 

@@ -169,10 +169,10 @@ def test_quick_benchmark_end_to_end(tmp_path):
     for f in ("quality.md", "quality.png", "quality_compute.png"):
         assert (out / f).stat().st_size > 0
 
-    # a variant: both doctors trained again on EOS-ended pairs and decoded with patient_min_p, no
-    # baselines; merged onto the base run
+    # a variant: both doctors trained again on EOS-ended pairs and decoded with patient_min_p and a
+    # patient weight alpha, no baselines; merged onto the base run
     proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--reuse", "--doctors-only",
-                           "--append-eos", "--patient-min-p", "0.05", "--workdir", str(tmp_path / "work"),
+                           "--append-eos", "--patient-min-p", "0.05", "--alpha", "0.8", "--workdir", str(tmp_path / "work"),
                            "--output-dir", str(out), "--name", "variant"], cwd=REPO, env=env, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -191,9 +191,12 @@ def test_quick_benchmark_end_to_end(tmp_path):
 
     merged = merge_doctors(res, variant)
     assert merged["settings"]["patient_min_p"] == 0.05 and merged["settings"]["append_eos"] is True
+    assert merged["settings"]["alpha"] == 0.8 and res["settings"]["alpha"] == 1.0
     assert merged["methods"]["args"] == res["methods"]["args"]
     for m in DOCTOR_METHODS:
-        assert merged["methods"][m] and all(p["setting"]["patient_min_p"] == 0.05 for p in merged["methods"][m])
+        assert merged["methods"][m] and all(p["setting"]["patient_min_p"] == 0.05 and p["setting"]["alpha"] == 0.8
+                                            for p in merged["methods"][m])
+    assert all("alpha" not in p["setting"] for m in DOCTOR_METHODS for p in res["methods"][m])
     # the workdir holds world 0: reusing it as another world is refused
     proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--reuse", "--world-seed", "1",
                            "--workdir", str(tmp_path / "work"), "--output-dir", str(out)], cwd=REPO, env=env,
