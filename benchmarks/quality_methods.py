@@ -88,17 +88,16 @@ def run_decoding(bench: Bench, args) -> dict:
     texts, toks, dt = bench.sample()
     methods["patient"].append(bench.point({}, [t[0] for t in texts], _compute(toks, dt)))
 
-    support = {"llmdoctor_patient_min_p": args.patient_min_p} if args.patient_min_p else {}
-    if args.alpha != 1.0:
-        support["llmdoctor_alpha"] = args.alpha
+    # decoding options beside the beta sweep: sent as llmdoctor_<name>, recorded in each point's setting
+    options = ({"patient_min_p": args.patient_min_p} if args.patient_min_p else {}) | (
+        {"alpha": args.alpha} if args.alpha != 1.0 else {})
+    extra = {f"llmdoctor_{k}": v for k, v in options.items()}
     for doctor, prefix in (("tfpo", "llmdoctor"), ("genarm", "genarm"))[:1 if args.tfpo_only else 2]:
         for rule in ("product", "delta"):
             passes = 1 if rule == "product" else 2  # delta: the doctor with its adapter on and off
             for b in args.betas:
-                texts, toks, dt = bench.sample({f"llmdoctor_beta_{doctor}": b, "llmdoctor_rule": rule, **support})
-                setting = {"beta": b, "rule": rule, "doctor": doctor} | (
-                    {"patient_min_p": args.patient_min_p} if args.patient_min_p else {}) | (
-                    {"alpha": args.alpha} if args.alpha != 1.0 else {})
+                texts, toks, dt = bench.sample({f"llmdoctor_beta_{doctor}": b, "llmdoctor_rule": rule, **extra})
+                setting = {"beta": b, "rule": rule, "doctor": doctor, **options}
                 methods[f"{prefix}_{rule}"].append(bench.point(setting, [t[0] for t in texts],
                                                                _compute(toks, dt, doctor=passes * toks)))
 

@@ -172,9 +172,9 @@ def test_quick_benchmark_end_to_end(tmp_path):
     # a variant: both doctors trained again on EOS-ended pairs and decoded with patient_min_p and a
     # patient weight alpha, no baselines; merged onto the base run
     proc = subprocess.run([sys.executable, "-m", "benchmarks.quality", "--quick", "--reuse", "--doctors-only",
-                           "--append-eos", "--patient-min-p", "0.05", "--alpha", "0.8", "--workdir", str(tmp_path / "work"),
-                           "--output-dir", str(out), "--name", "variant"], cwd=REPO, env=env, capture_output=True,
-                          text=True)
+                           "--append-eos", "--patient-min-p", "0.05", "--alpha", "0.8", "--workdir",
+                           str(tmp_path / "work"), "--output-dir", str(out), "--name", "variant"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     variant = json.loads((out / "variant.json").read_text())
     assert not variant["methods"]["args"] and not variant["methods"]["aisp"]
