@@ -79,16 +79,10 @@ def _next_token_probs(run, tok, texts: list[str]):
 def _doctor_and_reference(loaded):
     """Two forwards of a loaded doctor: its LM, and its reference as TFPO's trainer runs it
     (``reference_context``: the adapter off, or the starting weights the manifest names)."""
-    from types import SimpleNamespace
-
     from llmdoctor_train.stage2.reference import reference_context
 
     model = loaded.model.eval()
-    frozen = None
-    if loaded.manifest.kind == "full":
-        if loaded.reference_model is None:
-            raise ValueError(f"{loaded.path}: a full doctor whose manifest names no reference cannot be probed")
-        frozen = SimpleNamespace(model=loaded.reference_model.eval())  # what FrozenReference holds
+    frozen = None if loaded.reference_model is None else loaded.reference_model.eval()  # a full doctor's start
 
     def reference(**inputs):
         module, ctx = reference_context(model, frozen)  # a fresh context per call: disable_adapter() is one-shot

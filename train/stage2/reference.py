@@ -50,15 +50,16 @@ def start_at_reference(head: torch.nn.Module, scale: float = 0.01) -> torch.nn.M
     return head
 
 
-def reference_context(model: torch.nn.Module, frozen: FrozenReference | None):
+def reference_context(model: torch.nn.Module, frozen: torch.nn.Module | None):
     """``(module, context)``: what to run for ``pi_ref`` and the context to run it in.
 
-    A LoRA model runs itself under ``disable_adapter()``; a full one runs the frozen copy."""
+    A LoRA model runs itself under ``disable_adapter()`` (one-shot: a fresh context per forward); a
+    full one runs ``frozen``, its starting weights (``FrozenReference.model``)."""
     if hasattr(model, "peft_config"):
         return model, model.disable_adapter()
     if frozen is None:
-        raise ValueError("TFPO: a fully fine-tuned doctor needs a FrozenReference for the reference target")
-    return frozen.model, contextlib.nullcontext()
+        raise ValueError("TFPO: a fully fine-tuned doctor needs its starting weights as the reference")
+    return frozen, contextlib.nullcontext()
 
 
 def reference_logp(model: torch.nn.Module, frozen: FrozenReference | None, inputs: dict,
@@ -67,7 +68,7 @@ def reference_logp(model: torch.nn.Module, frozen: FrozenReference | None, input
 
     ``token_logp(module, inputs)`` is the trainer's own per-token log-prob of a forward, so the
     reference is gathered exactly as the doctor's log-probs are."""
-    module, ctx = reference_context(model, frozen)
+    module, ctx = reference_context(model, None if frozen is None else frozen.model)
     with torch.no_grad(), ctx:
         return token_logp(module, inputs).detach()
 
