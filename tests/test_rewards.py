@@ -64,53 +64,41 @@ def llm(patient, keep_alive):
 
 # --- formulas -----------------------------------------------------------------------------------
 
-def from_deltas(deltas, seed=0):
-    """log-prob pairs whose |difference| is ``deltas`` (random sign, random base)."""
+def from_gaps(gaps, seed=0):
+    """log-prob pairs whose |difference| is ``gaps`` (random sign, random base)."""
     rng = np.random.default_rng(seed)
-    d = np.asarray(deltas, dtype=np.float64)
+    d = np.asarray(gaps, dtype=np.float64)
     base = rng.uniform(-12, -1, d.size)
     flip = rng.choice([-1.0, 1.0], d.size)
     return base + flip * d, base
 
 
 def test_token_at_mean_importance_gets_tanh_1():
-    r = token_rewards(*from_deltas([1.0, 1.0, 1.0]), sign=+1)
+    r = token_rewards(*from_gaps([1.0, 1.0, 1.0]), sign=+1)
     np.testing.assert_allclose(r.S, math.tanh(1 / (1 + 1e-6)), rtol=1e-12)
     assert abs(r.S[0] - 0.7616) < 1e-4
     np.testing.assert_allclose(r.rewards, r.S)
-    np.testing.assert_allclose(r.delta, 1.0, rtol=1e-12)
+    np.testing.assert_allclose(r.logp_gap, 1.0, rtol=1e-12)
 
 
 def test_hand_values_threshold_and_sign():
-    deltas = [2.0, 1.0, 0.5, 0.45, 0.05]  # mean 0.8
-    S = np.tanh(np.array(deltas) / (0.8 + 1e-6))
-    pos = token_rewards(*from_deltas(deltas), sign=+1)
-    neg = token_rewards(*from_deltas(deltas, seed=1), sign=-1)
+    gaps = [2.0, 1.0, 0.5, 0.45, 0.05]  # mean 0.8
+    S = np.tanh(np.array(gaps) / (0.8 + 1e-6))
+    pos = token_rewards(*from_gaps(gaps), sign=+1)
+    neg = token_rewards(*from_gaps(gaps, seed=1), sign=-1)
     np.testing.assert_allclose(pos.S, S, rtol=1e-10)
     assert S[-1] < 0.1 and pos.rewards[-1] == 0 and neg.rewards[-1] == 0  # below θ: no reward
     np.testing.assert_allclose(pos.rewards[:-1], S[:-1], rtol=1e-10)
     np.testing.assert_allclose(neg.rewards[:-1], -S[:-1], rtol=1e-10)  # rejected: negative
-    high = token_rewards(*from_deltas(deltas), sign=+1, theta=0.8)  # θ is settable
+    high = token_rewards(*from_gaps(gaps), sign=+1, theta=0.8)  # θ is settable
     np.testing.assert_allclose(high.rewards, np.where(S > 0.8, S, 0.0), rtol=1e-10)
-
-
-def test_patient_sign_takes_each_tokens_direction_not_the_label():
-    lp = np.array([-1.0, -3.0, -2.0, -2.0])  # token 1 favoured by the positive instruction, 2 by the negative
-    ln = np.array([-3.0, -1.0, -2.05, -2.0])  # Δ = 2, 2, 0.05, 0: mean 1.0125
-    S = np.tanh(np.abs(lp - ln) / (1.0125 + 1e-6))
-    for label in (+1.0, -1.0):  # the label no longer matters
-        r = ragged_token_rewards(lp, ln, [0, 4], [label], sign="patient")
-        np.testing.assert_allclose(r.rewards, [S[0], -S[1], 0.0, 0.0], rtol=1e-10)  # S[2] < θ
-        np.testing.assert_allclose(r.S, S, rtol=1e-10)
-    with pytest.raises(ValueError, match="sign"):
-        ragged_token_rewards(lp, ln, [0, 4], [1.0], sign="both")
 
 
 def test_threshold_boundary_is_atanh_theta_times_mean():
     theta, eps = 0.1, 1e-6
-    edge = math.atanh(theta) * (1 + eps)  # Δ = atanh(θ)·(mean + ε) with mean = 1
+    edge = math.atanh(theta) * (1 + eps)  # gap = atanh(θ)·(mean + ε) with mean = 1
     for a, rewarded in ((edge - 1e-6, False), (edge + 1e-6, True)):
-        r = token_rewards(*from_deltas([a, 2 - a]), sign=+1, theta=theta, eps=eps)
+        r = token_rewards(*from_gaps([a, 2 - a]), sign=+1, theta=theta, eps=eps)
         assert (r.rewards[0] != 0) == rewarded and r.rewards[1] > 0
 
 
@@ -275,7 +263,7 @@ def test_end_to_end_dataset_and_summary(run, tok, llm):
     s = json.loads((run["out"] / "summary.json").read_text())
     assert s == run["summary"]
     assert len(ds) == s["rows"] == 5 and s["rows_skipped"] == 0 and (s["shards"], s["shards_computed"]) == (3, 3)
-    for col in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejected_rewards", "chosen_delta",
+    for col in ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejected_rewards", "chosen_logp_gap",
                 "chosen_S", "rejected_S", "chosen_rewards_help", "rejected_rewards_harm", "chosen_logp_pos_harm"):
         assert col in ds.column_names
     f = PromptFormatter(tok)
@@ -342,15 +330,6 @@ def test_restart_reuses_finished_shards(run, llm, patient):
     assert s["shards_computed"] == 0 and s["fraction_rewarded"] < run["summary"]["fraction_rewarded"]
     after = load_from_disk(str(out))
     assert all(x == 0 or abs(x) > 0.5 for row in after["chosen_rewards"] for x in row)
-    # so does the reward's sign: from each token's log pi_pos - log pi_neg instead of the label
-    s = compute_rewards(run["data"], patient, out, RewardsConfig(dimensions=DIMS, shard_size=2, reward_sign="patient"),
-                        llm=None, progress=False)
-    signed = load_from_disk(str(out))
-    assert s["shards_computed"] == 0 and s["reward_sign"] == "patient"
-    for side in ("chosen", "rejected"):
-        for r, p, n in zip(signed[f"{side}_rewards"], signed[f"{side}_logp_pos_{DIMS[0].name}"],
-                           signed[f"{side}_logp_neg_{DIMS[0].name}"]):
-            assert all(x == 0 or np.sign(x) == np.sign(a - b) for x, a, b in zip(r, p, n))
     compute_rewards(run["data"], patient, out, run["config"], progress=False)  # back to θ = 0.1 for later tests
 
 

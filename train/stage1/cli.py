@@ -12,10 +12,9 @@ Stage 1 of LLMdoctor: token-level rewards from the frozen patient's own behaviou
 Every preference pair (prompt, chosen, rejected) is teacher-forced through the patient, served
 by vLLM, twice per dimension: under a positive and under a negative system instruction. Per
 response token t:
-  delta_t = |log p_pos(y_t) - log p_neg(y_t)|
-  S_t     = tanh(delta_t / (mean delta over that response + eps))
-  r_t     = sign * S_t  if S_t > theta  else 0     (sign +1 for chosen, -1 for rejected;
-            with --reward-sign patient, sign = sign(log p_pos(y_t) - log p_neg(y_t)) instead)
+  gap_t = |log p_pos(y_t) - log p_neg(y_t)|
+  S_t   = tanh(gap_t / (mean gap over that response + eps))
+  r_t   = sign * S_t  if S_t > theta  else 0     (sign +1 for chosen, -1 for rejected)
 
 Input (--data): a .jsonl/.json/.parquet/.csv file, a datasets.save_to_disk folder, or a folder of
 data files, in any of TRL's preference formats: columns prompt, chosen, rejected as plain text
@@ -34,12 +33,11 @@ message), else "{instruction}\\n\\nUser: {prompt}\\nAssistant:". Responses are s
 Output (--output OUT): OUT is a datasets folder (datasets.load_from_disk(OUT)) with prompt_ids
 (the prompt without instruction: what the doctor sees), chosen_ids, rejected_ids,
 chosen_rewards, rejected_rewards (one float per response token, from the main dimension), and
-per dimension NAME: chosen_rewards_NAME, chosen_S_NAME, chosen_delta_NAME, chosen_logp_pos_NAME,
+per dimension NAME: chosen_rewards_NAME, chosen_S_NAME, chosen_logp_gap_NAME, chosen_logp_pos_NAME,
 chosen_logp_neg_NAME (same for rejected); OUT/summary.json holds counts, statistics and the
 tokenizer's fingerprint (`llmdoctor train` refuses a doctor whose tokenizer differs).
 The work is done in shards under OUT/shards: rerun the same command after an interruption and
-finished shards are reused; changing only --theta/--eps/--main-dimension/--reward-sign
-rescores nothing.
+finished shards are reused; changing only --theta/--eps/--main-dimension rescores nothing.
 """
 
 HELP = "Stage 1: token-level rewards from the patient (vLLM)"
@@ -86,9 +84,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     rw.add_argument("--theta", type=float, default=THETA,
                     help=f"importance threshold: r = 0 where S <= theta (default: {THETA})")
     rw.add_argument("--eps", type=float, default=EPS, help=f"epsilon of S's denominator (default: {EPS})")
-    rw.add_argument("--reward-sign", choices=("label", "patient"), default="label",
-                    help="sign of r: the response's label (the paper's, default) or each token's "
-                         "log pi_pos - log pi_neg (a bad token in a chosen response is penalised)")
     rw.add_argument("--template", choices=("auto", "chat", "plain"), default="auto",
                     help="prompt format: the chat template if the tokenizer has one (auto), or force one "
                          "(default: auto)")
@@ -153,7 +148,6 @@ def config_from_args(args):
     dims = [Dimension.parse(s, args.positive, args.negative) for s in args.dimension] or \
         [Dimension("default", args.positive, args.negative)]
     return RewardsConfig(dimensions=dims, main_dimension=args.main_dimension, theta=args.theta, eps=args.eps,
-                         reward_sign=args.reward_sign,
                          shard_size=args.shard_size, skip_bad_rows=args.skip_bad_rows, template=args.template,
                          append_eos=args.append_eos, split=args.split, num_proc=args.num_proc)
 

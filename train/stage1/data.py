@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-FIELDS = ("prompt", "chosen", "rejected")
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
 
 
 class DataError(ValueError):
@@ -63,7 +63,7 @@ def check_columns(ds, name: str = "data"):
 
     ``prompt`` may be absent: TRL's implicit-prompt datasets (chosen/rejected conversations that
     share their first turns) get it extracted (``llmdoctor_train.stage1.tokens``)."""
-    missing = [f for f in FIELDS[1:] if f not in ds.column_names]
+    missing = [f for f in PREFERENCE_FIELDS[1:] if f not in ds.column_names]
     if missing:
         raise DataError(f"{name}: column(s) {missing} missing; it has {ds.column_names}")
     return ds
@@ -126,7 +126,7 @@ class PromptFormatter:
     """Renders prompts with or without an instruction and tokenises prompts and responses in batches.
 
     ``template``: "auto" (chat template when the tokenizer has one), "chat" or "plain".
-    ``append_eos``: end every response with the tokenizer's EOS token (off by default [D]:
+    ``append_eos``: end every response with the tokenizer's EOS token (off by default:
     a response is scored verbatim, as the dataset gives it).
     """
 

@@ -13,9 +13,9 @@ Columns of the output dataset, one row per kept input row, lists are per respons
 - ``row_index`` (the input row), ``prompt_ids`` (the bare prompt, no instruction: what the
   doctor sees), ``chosen_ids``, ``rejected_ids``;
 - per dimension ``<d>``, for ``chosen`` and ``rejected``: ``{side}_rewards_<d>``, ``{side}_S_<d>``,
-  ``{side}_delta_<d>``, ``{side}_logp_pos_<d>``, ``{side}_logp_neg_<d>``;
-- ``chosen_rewards``, ``rejected_rewards``, ``chosen_S``, ``rejected_S``, ``chosen_delta``,
-  ``rejected_delta``: copies of the main dimension's columns (the first unless chosen).
+  ``{side}_logp_gap_<d>``, ``{side}_logp_pos_<d>``, ``{side}_logp_neg_<d>``;
+- ``chosen_rewards``, ``rejected_rewards``, ``chosen_S``, ``rejected_S``, ``chosen_logp_gap``,
+  ``rejected_logp_gap``: copies of the main dimension's columns (the first unless chosen).
 """
 
 from __future__ import annotations
@@ -54,14 +54,13 @@ def reward_columns(table: pa.Table, config) -> pa.Table:
             offsets = pos.offsets.to_numpy().astype(np.int64)
             offsets = offsets - offsets[0]
             lp, ln = pos.flatten().to_numpy(), neg.flatten().to_numpy()
-            tr = ragged_token_rewards(lp, ln, offsets, np.full(len(pos), sign), config.theta, config.eps,
-                                      sign=config.reward_sign)
+            tr = ragged_token_rewards(lp, ln, offsets, np.full(len(pos), sign), config.theta, config.eps)
             per_dim[f"{side}_rewards_{d.name}"] = _list(offsets, tr.rewards)
             per_dim[f"{side}_S_{d.name}"] = _list(offsets, tr.S)
-            per_dim[f"{side}_delta_{d.name}"] = _list(offsets, tr.delta)
+            per_dim[f"{side}_logp_gap_{d.name}"] = _list(offsets, tr.logp_gap)
             per_dim[f"{side}_logp_pos_{d.name}"] = _list(offsets, lp)
             per_dim[f"{side}_logp_neg_{d.name}"] = _list(offsets, ln)
-    for kind in ("rewards", "S", "delta"):
+    for kind in ("rewards", "S", "logp_gap"):
         for side, _ in SIDES:
             cols[f"{side}_{kind}"] = per_dim[f"{side}_{kind}_{config.main_dimension}"]
     return pa.table(cols | per_dim)
@@ -113,7 +112,7 @@ def finalise(out: Path, shard_paths: list[Path], config, run: dict, rows_in: int
         "tokens": main["tokens"], "tokens_chosen": main["chosen"]["tokens"],
         "tokens_rejected": main["rejected"]["tokens"], "fraction_rewarded": main["fraction_rewarded"],
         "mean_abs_reward": main["mean_abs_reward"], "main_dimension": config.main_dimension,
-        "theta": config.theta, "eps": config.eps, "reward_sign": config.reward_sign, "dimensions": stats, **run,
+        "theta": config.theta, "eps": config.eps, "dimensions": stats, **run,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     del final, ds, shards
@@ -132,7 +131,6 @@ class RewardsConfig:
     main_dimension: str | None = None
     theta: float = THETA
     eps: float = EPS
-    reward_sign: str = "label"  # "label": the paper's sign(y); "patient": sign(log pi_pos - log pi_neg) [D]
     shard_size: int = 500
     skip_bad_rows: bool = False
     template: str = "auto"

@@ -1,10 +1,10 @@
 """Stage 1 of LLMdoctor: token-level rewards from the patient's behaviour (the formulas).
 
 For every response token, with the patient teacher-forced under a positive and a negative
-instruction (METHOD.md, Stage 1)::
+instruction (docs/method.md, Stage 1)::
 
-    Δ_t = |log π_pos(y_t | s_{t-1}) − log π_neg(y_t | s_{t-1})|
-    S_t = tanh(Δ_t / (mean_j Δ_j + ε))          mean over the tokens of that response
+    g_t = |log π_pos(y_t | s_{t-1}) − log π_neg(y_t | s_{t-1})|      the log-prob gap
+    S_t = tanh(g_t / (mean_j g_j + ε))          mean over the tokens of that response
     r_t = sign(y) · S_t · 1[S_t > θ]            sign(chosen) = +1, sign(rejected) = −1
 
 Everything here is vectorised numpy: one response (:func:`token_rewards`) or many responses
@@ -34,11 +34,11 @@ _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
 class TokenRewards(NamedTuple):
-    """Per-token reward ``r``, importance ``S`` and log-prob gap ``delta`` (float64 arrays)."""
+    """Per-token reward ``r``, importance ``S`` and log-prob gap ``logp_gap`` (float64 arrays)."""
 
     rewards: np.ndarray
     S: np.ndarray
-    delta: np.ndarray
+    logp_gap: np.ndarray
 
 
 def token_rewards(logp_pos, logp_neg, sign: float, theta: float = THETA, eps: float = EPS) -> TokenRewards:
@@ -48,21 +48,13 @@ def token_rewards(logp_pos, logp_neg, sign: float, theta: float = THETA, eps: fl
     return ragged_token_rewards(lp, ln, np.array([0, lp.size]), np.array([sign], dtype=np.float64), theta, eps)
 
 
-SIGNS = ("label", "patient")
-
-
 def ragged_token_rewards(logp_pos, logp_neg, offsets, signs, theta: float = THETA,
-                         eps: float = EPS, sign: str = "label") -> TokenRewards:
+                         eps: float = EPS) -> TokenRewards:
     """Rewards of many responses at once: flat token arrays, response ``i`` is ``offsets[i]:offsets[i+1]``.
 
     ``signs[i]`` is +1 for a chosen and −1 for a rejected response. Each response must have at
     least one token (the data checks guarantee it). Offsets need not start at 0 (arrow slices).
-    ``sign="label"`` is the paper's ``r = sign(y) · S``; ``"patient"`` [D] signs each token by
-    ``log π_pos − log π_neg`` instead (``r = sign(Δ_t) · S``, the label unused), so a salient bad
-    token inside a chosen response is penalised rather than rewarded.
     """
-    if sign not in SIGNS:
-        raise ValueError(f"reward sign must be one of {SIGNS}, got {sign!r}")
     offsets = np.asarray(offsets, dtype=np.int64)
     lp = np.asarray(logp_pos, dtype=np.float64)[offsets[0]:offsets[-1]]
     ln = np.asarray(logp_neg, dtype=np.float64)[offsets[0]:offsets[-1]]
@@ -74,12 +66,11 @@ def ragged_token_rewards(logp_pos, logp_neg, offsets, signs, theta: float = THET
         return TokenRewards(empty, empty, empty)
     if (lengths <= 0).any():
         raise ValueError(f"response {int(np.argmin(lengths))} has no tokens")
-    delta = np.abs(lp - ln)
-    mean = np.add.reduceat(delta, offsets[:-1] - offsets[0]) / lengths
-    S = np.tanh(delta / (np.repeat(mean, lengths) + eps))
-    direction = np.sign(lp - ln) if sign == "patient" else np.repeat(np.asarray(signs, dtype=np.float64), lengths)
-    rewards = np.where(S > theta, direction * S, 0.0)
-    return TokenRewards(rewards, S, delta)
+    gap = np.abs(lp - ln)
+    mean = np.add.reduceat(gap, offsets[:-1] - offsets[0]) / lengths
+    S = np.tanh(gap / (np.repeat(mean, lengths) + eps))
+    rewards = np.where(S > theta, np.repeat(np.asarray(signs, dtype=np.float64), lengths) * S, 0.0)
+    return TokenRewards(rewards, S, gap)
 
 
 @dataclass(frozen=True)

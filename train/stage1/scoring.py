@@ -167,7 +167,7 @@ def score_shard(tokens, plan: ShardPlan, n_instructions: int, score) -> pa.Table
             pairs += zip(p_ids, resp[f])
     logps = score(pairs) if pairs else []
     n = len(plan.rows)
-    table = {  # [D] prompt_ids: the bare prompt, no instruction (what the doctor sees when serving)
+    table = {  # prompt_ids: the bare prompt, no instruction (what the doctor sees when serving)
         "row_index": pa.array(plan.rows, pa.int64()),
         "prompt_ids": _list_array(sel["prompt_ids"], np.int32),
         "chosen_ids": _list_array(resp["chosen"], np.int32),

@@ -10,7 +10,7 @@ restart, a length change or a rescoring).
 
 from __future__ import annotations
 
-from llmdoctor_train.stage1.data import FIELDS, PromptFormatter, row_problem
+from llmdoctor_train.stage1.data import PREFERENCE_FIELDS, PromptFormatter, row_problem
 
 RESPONSES = ("chosen", "rejected")
 
@@ -21,17 +21,17 @@ def extract_prompt(example: dict) -> dict:
     ``prompt``. A row it cannot handle (a missing response) is left for :func:`row_problem` to name."""
     from trl.data_utils import is_conversational, maybe_extract_prompt
 
-    row = {f: example.get(f) for f in FIELDS}
+    row = {f: example.get(f) for f in PREFERENCE_FIELDS}
     if row["chosen"] is None or row["rejected"] is None:
         return row
-    if row["prompt"] is not None and not all(is_conversational({"chosen": row[f]}) for f in FIELDS[1:]):
+    if row["prompt"] is not None and not all(is_conversational({"chosen": row[f]}) for f in PREFERENCE_FIELDS[1:]):
         return row  # an explicit prompt, and responses TRL would not split: row_problem judges them
     present = {k: v for k, v in row.items() if v is not None}
     try:
         out = maybe_extract_prompt(present)
     except (IndexError, KeyError, TypeError):
         return row
-    return {f: out.get(f) for f in FIELDS}
+    return {f: out.get(f) for f in PREFERENCE_FIELDS}
 
 
 def with_prompts(ds, num_proc: int | None = None):
@@ -56,7 +56,7 @@ def _spread(n: int, good: list[int], values: list) -> list[list[int]]:
 
 def tokenize_batch(batch: dict, formatter: PromptFormatter, instructions: list[str]) -> dict:
     """``datasets.map`` function (batched): each row's problem (or ``""``) and its token ids."""
-    rows = list(zip(*(batch[f] for f in FIELDS)))
+    rows = list(zip(*(batch[f] for f in PREFERENCE_FIELDS)))
     problems = [row_problem(*row) for row in rows]
     good = [i for i, why in enumerate(problems) if why is None]
     prompts = [rows[i][0] for i in good]
@@ -84,7 +84,7 @@ def tokenize_preferences(ds, formatter: PromptFormatter, instructions: list[str]
                          batch_size: int = 256):
     """Every row of a preference dataset checked and tokenised once (see the module docstring)."""
     ds = with_prompts(ds, num_proc)
-    missing = [f for f in FIELDS if f not in ds.column_names]
+    missing = [f for f in PREFERENCE_FIELDS if f not in ds.column_names]
     if missing:
         from llmdoctor_train.stage1.data import DataError
 

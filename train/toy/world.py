@@ -3,7 +3,7 @@
 The world is short assistant replies made of simple sentences ("The cat kindly helps the
 doctor."). Some words are GOOD (kindly, clearly, ..., helps) and some BAD (badly, rarely, ...,
 never); the task reward of a text is ``#good words - #bad words``. A tiny Qwen2 *patient* is
-trained from scratch on replies written under METHOD.md's default positive instruction (they
+trained from scratch on replies written under Stage 1's default positive instruction (they
 lean strongly to good words), the default negative one (lean to bad words), or no instruction
 (a balanced mix). So the patient's pos/neg log-probabilities carry exactly the signal Stage 1
 needs, its plain neutral replies score about 0, and the reward says whether guidance helped.
