@@ -1,4 +1,4 @@
-"""The bookkeeping both baseline processors share: which slots are active, and vLLM's batch updates."""
+"""The bookkeeping of a baseline processor: which slots are active, and vLLM's batch updates."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import numpy as np
 from vllm.v1.sample.logits_processor.interface import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from benchmarks.baselines import move_slot
+from benchmarks.quality.baselines import move_slot
 
 logger = logging.getLogger("llmdoctor_vllm")
 
