@@ -57,7 +57,7 @@ def measure(args) -> dict:
     streams = args.streams if args.mode == "mixed" else 0
     runner = DoctorRunner(model, device=args.device, dtype=getattr(torch, args.dtype),
                           cache_tokens=args.prompt_tokens + 32 + streams * (args.cached + 32), max_streams=streams + 1,
-                          max_len=max_len, max_pass_tokens=args.pass_tokens)
+                          max_len=max_len, prefill_chunk_tokens=args.pass_tokens)
     rng = np.random.default_rng(0)
     vocab = min(shape[5], 300)
     decoding = np.array([runner.new_stream() for _ in range(streams)], dtype=np.int64)

@@ -1,27 +1,35 @@
 """Decode-only doctor steps over static, padded buffers: the shape a CUDA graph can capture.
 
-At real sizes the doctor's step is host-bound: an eager forward launches about a thousand small
+At real sizes the doctor's step is host-bound: an eager forward launches hundreds of small
 kernels for a few milliseconds of GPU work. When every stream of a step gains exactly one token
 (a decode-only step, the common case), this path runs the step over fixed buffers: the batch
-padded to a size from a ladder, keys read over a fixed length from a ladder of key buckets
-(positions past a stream's end are masked; padded rows write to a spare pool row and read one
-key), and the LoRA adapter switched on or off per row by a 0/1 factor instead of a row subset.
-Every shape depends on the bucket only, so on CUDA the step can be captured once per
-``(batch, keys)`` bucket and replayed; on CPU (and with capture off) the same static step runs
-eagerly, which is how the tests check it against the packed eager step.
+padded to a size from a ladder, keys read over a fixed length from a ladder of key buckets, and
+the LoRA adapter switched on or off per row by a 0/1 factor instead of a row subset. A step
+uploads one small ``[4, batch]`` array (token id, stream, position, adapter on); the key rows
+and masks are built from the runner's device copy of the block table inside the step (positions
+past a stream's end read the pool's zero row; padded rows write to its sink row and read one
+zero key). Every shape depends on the bucket only, so on CUDA the step is captured once per
+``(batch, keys)`` bucket, at start-up (:meth:`StaticDecode.capture_all`), and replayed; on CPU
+(and with capture off) the same static step runs eagerly, which is how the tests check it
+against the packed step.
 
+Buckets are bounded: one whose batch x keys exceeds ``max_bucket_keys`` is not used (that step
+runs on the packed path), and a bucket whose capture failed is remembered and not tried again.
+All buckets share one output buffer and one graph memory pool, whose size is logged.
 Capture stays off by default until a GPU run has shown replay equal to eager.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from vllm.logger import init_logger
+
+from llmdoctor_vllm.device import to_device
+from llmdoctor_vllm.layers import layer_mlp, layer_qkv, rms_norm, rope_tables
 
 logger = init_logger("vllm.llmdoctor")
 
@@ -34,148 +42,139 @@ def _ladder(limit: int, start: int = 1) -> list[int]:
     return out
 
 
-@dataclass
-class _Buffers:
-    """The static inputs and outputs of one ``(batch, keys)`` bucket."""
-
-    ids: torch.Tensor  # [B]
-    pos: torch.Tensor  # [B]
-    write: torch.Tensor  # [B] pool row of each row's new key (padding: the spare row)
-    read: torch.Tensor  # [B, L] pool rows of each row's keys
-    mask: torch.Tensor  # [B, 1, 1, L] keys a row may see
-    on: torch.Tensor  # [B] 1 where the LoRA adapter applies, 0 where it is off
-    hidden: torch.Tensor | None = None  # [B, hidden] outputs
-    logprobs: torch.Tensor | None = None  # [B, V]
-    graph: object = None
-
-
 class StaticDecode:
     """Runs a :class:`~llmdoctor_vllm.runner.DoctorRunner`'s decode-only steps in static buckets."""
 
-    def __init__(self, runner, *, max_batch: int, capture: bool, key_start: int = 256):
+    def __init__(self, runner, *, max_batch: int, capture: bool, key_start: int = 256, max_bucket_keys: int = 1 << 16):
         self.runner = runner
         self.batch_sizes = _ladder(max_batch)
         self.key_sizes = _ladder(runner.max_blocks_per_stream * runner.block_size, max(1, key_start))
+        self.max_bucket_keys = max_bucket_keys
         self.capture = capture and runner.device.type == "cuda"
-        self.buffers: dict[tuple[int, int], _Buffers] = {}
+        self.buffers: dict[tuple[int, int], object] = {}  # buckets run so far -> their graph (None: eager)
+        self.failed: set[tuple[int, int]] = set()  # buckets whose capture failed: the packed path runs them
         self.graph_bytes = 0
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
+        d, dev, B = runner.dec, runner.device, self.batch_sizes[-1]
+        # rows: token id, stream, position (-1: a padded row), adapter on (1) or off (0)
+        self.meta = torch.zeros((4, B), dtype=torch.long, device=dev)
+        self.hidden = torch.zeros((B, d.embed.weight.shape[1]), dtype=runner.dtype, device=dev)
+        self.logprobs = torch.zeros((B, runner.vocab_width), dtype=torch.float32, device=dev)
+        kpos = torch.arange(self.key_sizes[-1], device=dev)
+        self.kpos, self.kblock = kpos, (kpos // runner.block_size).clamp(max=runner.max_blocks_per_stream - 1)
 
     def bucket(self, num_streams: int, longest: int) -> tuple[int, int] | None:
-        """The ``(batch, keys)`` bucket for a step, or ``None`` if it falls off the ladders."""
+        """The ``(batch, keys)`` bucket for a step, or ``None`` if it falls off the ladders, is over
+        the key budget, or failed to capture."""
         if num_streams > self.batch_sizes[-1] or longest > self.key_sizes[-1]:
             return None
-        b = next(x for x in self.batch_sizes if x >= num_streams)
-        return b, next(x for x in self.key_sizes if x >= longest)
+        key = next(x for x in self.batch_sizes if x >= num_streams), next(x for x in self.key_sizes if x >= longest)
+        if key[0] * key[1] > self.max_bucket_keys or key in self.failed:
+            return None
+        return key
 
     def step(self, sids: np.ndarray, ids, totals: np.ndarray, adapter_off: np.ndarray | None,
-             key: tuple[int, int]) -> torch.Tensor:
-        """Log-probs ``[len(sids), V]`` for streams gaining one token each (already reserved)."""
-        from llmdoctor_vllm.runner import to_device
-
+             key: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(log-probs [len(sids), V], sids on the device)`` for streams gaining one token each
+        (already reserved)."""
         r, S = self.runner, len(sids)
-        B, L = key
-        buf = self.buffers.get(key) or self._allocate(key)
-        bs, pos = r.block_size, totals - 1
-        tables = r.block_table[sids]
-        kpos = np.arange(L)
-        read = np.full((B, L), r.spare_row, dtype=np.int64)
-        read[:S] = np.take(tables, np.minimum(kpos // bs, tables.shape[1] - 1), axis=1) * bs + kpos % bs
-        mask = np.zeros((B, L), dtype=bool)
-        mask[:, 0] = True  # a padded row sees one (spare) key: no row is fully masked
-        mask[:S] = kpos[None, :] <= pos[:, None]
-        write = np.full(B, r.spare_row, dtype=np.int64)
-        write[:S] = tables[np.arange(S), pos // bs] * bs + pos % bs
-        on = np.ones(B, dtype=np.float32)
+        B = key[0]
+        meta = np.zeros((4, B), dtype=np.int64)
+        meta[2], meta[3] = -1, 1
+        meta[1, :S], meta[2, :S] = sids, totals - 1
         if adapter_off is not None:
-            on[:S] = ~adapter_off
-        padded_pos = np.zeros(B, dtype=np.int64)
-        padded_pos[:S] = pos
-        dev = r.device
-        buf.ids.zero_()
-        buf.ids[:S].copy_(torch.as_tensor(ids).to(dev, non_blocking=True).view(-1))
-        for dst, src in ((buf.pos, padded_pos), (buf.write, write), (buf.read, read), (buf.mask, mask[:, None, None]),
-                         (buf.on, on)):
-            dst.copy_(to_device(src, dev), non_blocking=True)
-        if buf.graph is not None:
-            buf.graph.replay()
+            meta[3, :S] = ~adapter_off
+        host_ids = not isinstance(ids, torch.Tensor)
+        if host_ids:
+            meta[0, :S] = np.asarray(ids, dtype=np.int64).reshape(-1)
+        self.meta[:, :B].copy_(to_device(meta, r.device), non_blocking=True)
+        if not host_ids:
+            self.meta[0, :S].copy_(ids.reshape(-1))
+        if key not in self.buffers:
+            self._run_first(key)
+        graph = self.buffers[key]
+        if graph is not None:
+            graph.replay()
         else:
-            self._forward(buf)
-            if self.capture:
-                self._capture(buf, key)
-        r.last_hidden.index_copy_(0, to_device(sids, dev), buf.hidden[:S])
-        return buf.logprobs[:S].clone()
+            self._forward(key)
+        sids_t = self.meta[1, :S]
+        r.last_hidden.index_copy_(0, sids_t, self.hidden[:S])
+        return self.logprobs[:S].clone(), sids_t.clone()
 
-    def _allocate(self, key: tuple[int, int]) -> _Buffers:
-        B, L = key
-        dev = self.runner.device
-        buf = _Buffers(ids=torch.zeros(B, dtype=torch.long, device=dev), pos=torch.zeros(B, dtype=torch.long, device=dev),
-                       write=torch.zeros(B, dtype=torch.long, device=dev),
-                       read=torch.zeros((B, L), dtype=torch.long, device=dev),
-                       mask=torch.zeros((B, 1, 1, L), dtype=torch.bool, device=dev),
-                       on=torch.ones(B, dtype=torch.float32, device=dev))
-        self.buffers[key] = buf
-        return buf
+    def _run_first(self, key: tuple[int, int]) -> None:
+        """A bucket's first run: eager, then captured if capture is on (a failure is remembered)."""
+        self._forward(key)
+        self.buffers[key] = None
+        if self.capture:
+            self._capture(key)
 
-    def _capture(self, buf: _Buffers, key: tuple[int, int]) -> None:
+    def capture_all(self) -> None:
+        """Captures every bucket within the key budget, largest first (so later, smaller graphs
+        reuse the shared pool), over padded rows only: nothing is written to a stream's cache."""
+        if not self.capture:
+            return
+        t0, before = time.perf_counter(), torch.cuda.memory_reserved()
+        keys = [(b, k) for b in self.batch_sizes for k in self.key_sizes if b * k <= self.max_bucket_keys]
+        for key in sorted(keys, key=lambda bk: -bk[0] * bk[1]):
+            if key in self.buffers:
+                continue
+            self.meta.zero_()
+            self.meta[2].fill_(-1)
+            self._run_first(key)
+        logger.info("llmdoctor: captured the doctor's decode step in %d buckets (%d failed) in %.1f s; "
+                    "the graphs and their pool hold %.1f MiB", sum(g is not None for g in self.buffers.values()),
+                    len(self.failed), time.perf_counter() - t0,
+                    (torch.cuda.memory_reserved() - before) / 2**20)
+
+    def _capture(self, key: tuple[int, int]) -> None:
         """Captures the bucket's step in a CUDA graph (after the eager run that warmed it up)."""
-        t0, before = time.perf_counter(), torch.cuda.memory_allocated()
-        graph = torch.cuda.CUDAGraph()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            self._forward(buf)  # a warm-up on the side stream, as torch's capture requires
-            torch.cuda.current_stream().synchronize()
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._forward(buf)
-        torch.cuda.current_stream().wait_stream(stream)
-        buf.graph = graph
-        self.graph_bytes += torch.cuda.memory_allocated() - before
-        logger.info("llmdoctor: captured the doctor's decode step for batch %d, %d keys in %.2f s "
-                    "(graphs hold %.1f MiB)", key[0], key[1], time.perf_counter() - t0, self.graph_bytes / 2**20)
+        t0, before = time.perf_counter(), torch.cuda.memory_reserved()
+        try:
+            graph = torch.cuda.CUDAGraph()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self._forward(key)  # a warm-up on the side stream, as torch's capture requires
+                torch.cuda.current_stream().synchronize()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    self._forward(key)
+            torch.cuda.current_stream().wait_stream(stream)
+        except Exception as e:  # noqa: BLE001 - any capture failure leaves this bucket to the packed path
+            self.failed.add(key)
+            logger.warning("llmdoctor: capturing the doctor's decode step for batch %d, %d keys failed (%s); "
+                           "those steps run on the packed path", key[0], key[1], e)
+            return
+        self.buffers[key] = graph
+        self.graph_bytes += torch.cuda.memory_reserved() - before
+        logger.debug("llmdoctor: captured batch %d, %d keys in %.2f s", key[0], key[1], time.perf_counter() - t0)
 
     @torch.inference_mode()
-    def _forward(self, buf: _Buffers) -> None:
-        """The decoder over the bucket's static buffers; writes ``buf.hidden`` and ``buf.logprobs``."""
-        from llmdoctor_vllm.runner import _norm, layer_mlp, layer_queries
-
+    def _forward(self, key: tuple[int, int]) -> None:
+        """The decoder over the bucket's static buffers; writes ``hidden`` and ``logprobs``."""
         r = self.runner
-        d = r.dec
-        B, L = buf.read.shape
-        h = d.embed(buf.ids)
-        cos, sin = r.cos[buf.pos][None], r.sin[buf.pos][None]
-        on = buf.on.to(h.dtype)[:, None]
-        nq = d.num_heads * d.head_dim
-
-        def lin(module, x):
-            return _masked_linear(module, x, on)
-
-        for li, layer in enumerate(d.layers):
-            attn = layer.self_attn
-            q = layer_queries(d, li, layer, h, cos, sin, r.kv[li], buf.write, lin)  # [B, heads, hd]
-            rows = buf.read.view(-1)
-            keys = r.kv[li, 0].index_select(0, rows).view(B, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
-            vals = r.kv[li, 1].index_select(0, rows).view(B, L, d.num_kv_heads, d.head_dim).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q[:, :, None], keys, vals, attn_mask=buf.mask,
-                                               scale=attn.scaling, enable_gqa=d.num_heads != d.num_kv_heads)
-            h = h + lin(attn.o_proj, o.reshape(B, nq))
-            h = h + layer_mlp(d, li, layer, h, lin)
-        logits = _masked_linear(d.lm_head, _norm(d.norm, h), on)
-        if buf.hidden is None:
-            buf.hidden, buf.logprobs = torch.empty_like(h), torch.empty(logits.shape, device=h.device)
-        buf.hidden.copy_(h)
-        buf.logprobs.copy_(torch.log_softmax(logits.float(), dim=-1))
-
-
-def _masked_linear(module, x: torch.Tensor, on: torch.Tensor) -> torch.Tensor:
-    """A (possibly LoRA-wrapped) linear layer whose low-rank term is scaled by ``on`` per row:
-    the adapter on (1) or off (0) without selecting rows, so every shape stays fixed."""
-    if not hasattr(module, "lora_A"):
-        return module(x)
-    from llmdoctor_vllm.runner import _lora_name
-
-    name = _lora_name(module)
-    out = module.base_layer(x)
-    lora_a = module.lora_A[name]
-    delta = module.lora_B[name](lora_a(module.lora_dropout[name](x.to(lora_a.weight.dtype))))
-    return out + (delta * module.scaling[name] * on).to(out.dtype)
+        d, bs = r.dec, r.block_size
+        B, L = key
+        ids, sid, pos, on = self.meta[:, :B]
+        valid = pos >= 0
+        pos = pos.clamp(min=0)
+        ids = r.screen_ids(ids, sid)
+        tables = r.table_dev.index_select(0, sid)  # [B, blocks]
+        mask = self.kpos[:L] <= pos[:, None]  # [B, L]; a padded row sees one key
+        read = tables.index_select(1, self.kblock[:L]) * bs + self.kpos[:L] % bs
+        read = torch.where(mask & valid[:, None], read, r.zero_row).view(-1)
+        write = torch.where(valid, tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs, r.sink_row)
+        on = on.to(r.dtype)[:, None] if d.lora else None
+        h = d.embed(ids)
+        cos, sin = rope_tables(d, r.cos.index_select(0, pos), r.sin.index_select(0, pos))
+        mask = mask[:, None, None]
+        for layer, pool in zip(d.layers, r.kv):
+            q, kv_new = layer_qkv(d, layer, h, cos, sin, on)  # [B, heads, hd]
+            pool.index_copy_(0, write, kv_new)
+            kv = pool.index_select(0, read).view(B, L, 2, d.num_kv_heads, d.head_dim)
+            o = F.scaled_dot_product_attention(q[:, :, None], kv[:, :, 0].transpose(1, 2),
+                                               kv[:, :, 1].transpose(1, 2), attn_mask=mask, scale=layer.scaling,
+                                               enable_gqa=d.num_heads != d.num_kv_heads)
+            h = h + layer.o(o.reshape(B, -1), on)
+            h = h + layer_mlp(layer, h, on)
+        self.hidden[:B].copy_(h)
+        self.logprobs[:B].copy_(torch.log_softmax(d.lm_head(rms_norm(d.norm, h), on).float(), dim=-1))

@@ -3,12 +3,14 @@
 A step may mix streams that decode (one new token), streams that prefill a long prompt (many),
 and streams with nothing new (a request whose patient is still prefilling a chunk the doctor has
 already read). The tokens are packed without padding, so the doctor's linear layers cost
-O(sum of new tokens); they run in *passes* of at most ``max_pass_tokens`` tokens (the doctor's
+O(sum of new tokens); they run in *passes* of at most ``prefill_chunk_tokens`` tokens (the doctor's
 own chunked prefill), so peak activation memory is bounded whatever the prompt length. Within a
 pass, attention runs over *tiles* (a run of one stream's tokens, at most ``q_tile`` long); tiles
 of one token (decodes) and longer tiles (prefill) form separate groups, so a decode is never
 padded to a prefill's length, and a group is split so that its score matrix stays under
-``score_budget`` elements. Everything here is host-side index arithmetic in NumPy.
+``score_budget`` elements. A tile reads keys up to the longest tile of its group; past its own
+end it reads ``pad_row`` (a row that holds zeros), never another stream's rows. Everything here
+is host-side index arithmetic in NumPy.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ class TileGroup:
     q_valid: np.ndarray  # [G, Q] which queries are real
     q_pos: np.ndarray  # [G, Q] position of each query in its stream
     read: np.ndarray  # [G, L] pool rows holding the tile's stream keys at positions 0..L-1
-    identity: bool  # q_index is arange(P)[:, None]: no gather or scatter needed
+    identity: bool  # the group is the whole pass, q_index.ravel() is arange(P): no gather or scatter
 
 
 @dataclass
@@ -57,8 +59,8 @@ def _runs(starts: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
     return first, np.diff(np.append(first, total))
 
 
-def plan_step(n: np.ndarray, cached: np.ndarray, tables: np.ndarray, block_size: int, *, max_pass_tokens: int,
-              q_tile: int, score_budget: int, num_heads: int, key_bucket: int = 1) -> StepPlan:
+def plan_step(n: np.ndarray, cached: np.ndarray, tables: np.ndarray, block_size: int, *, prefill_chunk_tokens: int,
+              q_tile: int, score_budget: int, num_heads: int, key_bucket: int = 1, pad_row: int = 0) -> StepPlan:
     """Lays out a step that feeds ``n[i]`` new tokens to stream ``i`` (which holds ``cached[i]``).
 
     ``tables[i]`` is stream ``i``'s block table. Streams with fewer new tokens go first, so the
@@ -78,8 +80,8 @@ def plan_step(n: np.ndarray, cached: np.ndarray, tables: np.ndarray, block_size:
     write = tables[stream, pos_c // block_size] * block_size + pos_c % block_size
     is_last = j == n[stream] - 1
     passes = []
-    for a in range(0, total, max_pass_tokens):
-        b = min(total, a + max_pass_tokens)
+    for a in range(0, total, prefill_chunk_tokens):
+        b = min(total, a + prefill_chunk_tokens)
         st, jj = stream[a:b], j[a:b]
         new_tile = np.ones(b - a, dtype=bool)
         new_tile[1:] = (st[1:] != st[:-1]) | (jj[1:] % q_tile == 0)
@@ -88,13 +90,13 @@ def plan_step(n: np.ndarray, cached: np.ndarray, tables: np.ndarray, block_size:
         for sel in (t_len == 1, t_len > 1):
             if sel.any():
                 groups += _groups(t_start[sel], t_len[sel], st, pos[a:b], tables, block_size, score_budget,
-                                  num_heads, key_bucket, b - a)
+                                  num_heads, key_bucket, b - a, pad_row)
         last = np.flatnonzero(is_last[a:b])
         passes.append(StepPass(a, b, groups, last, st[last]))
     return StepPlan(src=src, stream=stream, pos=pos, write=write, passes=passes)
 
 
-def _groups(t_start, t_len, stream, pos, tables, block_size, score_budget, num_heads, key_bucket, pass_len):
+def _groups(t_start, t_len, stream, pos, tables, block_size, score_budget, num_heads, key_bucket, pass_len, pad_row):
     """Tile groups for tiles of similar query length, split to bound their attention scores."""
     Q = int(t_len.max())
     q_index = np.minimum(t_start[:, None] + np.arange(Q)[None, :], (t_start + t_len - 1)[:, None])
@@ -105,11 +107,13 @@ def _groups(t_start, t_len, stream, pos, tables, block_size, score_budget, num_h
     kpos = np.arange(L)
     blocks = np.minimum(kpos // block_size, tables.shape[1] - 1)
     per_tile = max(1, score_budget // (Q * L * num_heads))
-    identity = Q == 1 and len(t_start) == pass_len and per_tile >= len(t_start)
+    identity = (per_tile >= len(t_start) and len(t_start) * Q == pass_len and bool(q_valid.all())
+                and bool((q_index.ravel() == np.arange(pass_len)).all()))
     out = []
     for g in range(0, len(t_start), per_tile):
         s = slice(g, g + per_tile)
         L_s = -(-int(ends[s].max()) // key_bucket) * key_bucket
         read = tables[stream[t_start[s]]][:, blocks[:L_s]] * block_size + kpos[:L_s] % block_size
+        read[kpos[:L_s][None, :] >= ends[s][:, None]] = pad_row
         out.append(TileGroup(q_index[s], q_valid[s], q_pos[s], read, identity))
     return out

@@ -90,7 +90,7 @@ def _full(model, seqs):
         return torch.stack([torch.log_softmax(model(torch.tensor([s])).logits[0, -1].float(), -1) for s in seqs])
 
 
-@pytest.mark.parametrize("limits", [dict(), dict(max_pass_tokens=7, q_tile=3, score_budget=64)])
+@pytest.mark.parametrize("limits", [dict(), dict(prefill_chunk_tokens=7, q_tile=3, score_budget=64)])
 def test_mixed_step_equals_full_forward(doctor, limits):
     """Streams that prefill in chunks of different sizes, decode, or gain nothing (a patient still
     prefilling a prompt the doctor has read) in the same steps give a full forward's log-probs;
@@ -121,7 +121,7 @@ def test_device_ids_and_lora_rows(doctor):
     lora = get_peft_model(copy.deepcopy(doctor), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                             target_modules="all-linear")).eval()
     runner = DoctorRunner(lora, device="cpu", dtype=torch.float32, cache_tokens=512, max_streams=4, max_len=128,
-                          max_pass_tokens=16, q_tile=4)
+                          prefill_chunk_tokens=16, q_tile=4)
     rng = np.random.default_rng(2)
     off = np.array([False, True, False])
     sids = np.array([runner.new_stream() for _ in off])
@@ -146,7 +146,7 @@ def test_long_prompt_next_to_decodes_runs_in_bounded_shapes():
     cached = np.array([2048] * 32 + [0])
     tables = np.arange(33 * (max_len // bs)).reshape(33, -1)
     heads, budget, max_pass, q_tile = 12, 1 << 25, 2048, 256
-    plan = plan_step(n, cached, tables, bs, max_pass_tokens=max_pass, q_tile=q_tile, score_budget=budget,
+    plan = plan_step(n, cached, tables, bs, prefill_chunk_tokens=max_pass, q_tile=q_tile, score_budget=budget,
                      num_heads=heads)
     assert len(plan.src) == n.sum()
     assert sorted(plan.src.tolist()) == list(range(n.sum()))
@@ -206,3 +206,72 @@ def test_static_decode_with_adapter_off_rows(doctor):
     lora = get_peft_model(copy.deepcopy(doctor), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                             target_modules="all-linear")).eval()
     assert _static_matches_packed(lora, off=True).static.buffers
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["packed", "static"])
+def test_an_id_the_doctor_cannot_embed_poisons_only_its_stream(doctor, static):
+    """A doctor with a smaller vocabulary (96) than its patient: a stream fed an id it cannot embed
+    (96..patient's vocabulary, or negative) gets rows of NaN from then on, with no exception; the
+    other streams of the same steps get the full forward's log-probs; a freed stream's id starts clean."""
+    runner = DoctorRunner(doctor, device="cpu", dtype=torch.float32, cache_tokens=1024, max_streams=4, max_len=128,
+                          block_size=8)
+    if static:
+        runner.enable_static_decode(max_batch=4, capture=False, key_start=8)
+    rng = np.random.default_rng(5)
+    sids = np.array([runner.new_stream() for _ in range(3)])
+    seqs = [rng.integers(0, 96, size=n).tolist() for n in (6, 9, 4)]
+    history = [list(s) for s in seqs]
+    got = runner.step(sids, seqs)
+    torch.testing.assert_close(got, _full(doctor, history), atol=2e-5, rtol=0)
+    bad = {1: 130, 2: -3}  # a decode step in which two streams are fed ids the doctor cannot embed
+    for i, new in enumerate([[[5], [130], [7]], [[8], [9], [-3]], [[11], [12], [13]]]):
+        flat = torch.tensor([t for s in new for t in s])
+        got = runner.step(sids, (np.ones(3, dtype=np.int64), flat) if i % 2 else new)
+        history = [h + t for h, t in zip(history, new)]
+        poisoned = [j for j, t in bad.items() if any(x == t for h in history[j:j + 1] for x in h)]
+        for j in range(3):
+            if j in poisoned:
+                assert torch.isnan(got[j]).all()
+            else:
+                torch.testing.assert_close(got[j], _full(doctor, [history[j]])[0], atol=2e-5, rtol=0)
+    assert torch.isnan(got[1:]).all() and torch.isfinite(got[0]).all()
+    runner.free_stream(int(sids[1]))
+    fresh = runner.new_stream()
+    assert fresh == sids[1]
+    torch.testing.assert_close(runner.step(np.array([fresh, sids[0]]), [[1, 2, 3], [4]]),
+                               _full(doctor, [[1, 2, 3], history[0] + [4]]), atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("key_bucket,static", [(1, False), (64, False), (1, True)])
+def test_nan_in_the_pool_reaches_no_other_stream(doctor, key_bucket, static):
+    """NaN over every pool row no live stream holds: a stream whose block table still names a
+    finished stream's blocks, in a group with a longer tile (so it reads keys past its own end),
+    stays finite and exact, packed and static. Attention runs in SDPA's math backend, which adds
+    the mask to the scores as GPU kernels do (0 x NaN is NaN; CPU's fused kernel skips masked keys)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    runner = DoctorRunner(doctor, device="cpu", dtype=torch.float32, cache_tokens=512, max_streams=4, max_len=120,
+                          block_size=8)
+    runner.key_bucket = key_bucket
+    if static:
+        runner.enable_static_decode(max_batch=4, capture=False, key_start=8)
+    rng = np.random.default_rng(6)
+    first, long = runner.new_stream(), runner.new_stream()
+    history = [rng.integers(0, 96, size=n).tolist() for n in (60, 40)]
+    runner.step(np.array([first, long]), history)
+    runner.free_stream(first)
+    held = np.zeros(runner.budget_tokens + 2, dtype=bool)
+    for b in runner.block_table[long, :runner.num_stream_blocks[long]]:
+        held[b * 8:(b + 1) * 8] = True
+    held[runner.zero_row] = True
+    with torch.inference_mode():
+        runner.kv[:, torch.from_numpy(~held)] = float("nan")
+    short = runner.new_stream()  # its table still lists the finished stream's blocks
+    assert short == first
+    sids = np.array([short, long])
+    history = [[], history[1]]
+    with sdpa_kernel(SDPBackend.MATH):
+        for counts in [(3, 8), (1, 1), (2, 5), (1, 1)]:
+            new = [rng.integers(0, 96, size=c).tolist() for c in counts]
+            history = [h + t for h, t in zip(history, new)]
+            torch.testing.assert_close(runner.step(sids, new), _full(doctor, history), atol=2e-5, rtol=0)

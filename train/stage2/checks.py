@@ -19,14 +19,14 @@ class DoctorMismatchError(ValueError):
 def check_architecture(config) -> None:
     """Raises :class:`DoctorMismatchError` unless the plugin's runner can run a doctor of ``config``.
 
-    The runner's own test (``llmdoctor_vllm.runner._unwrap``: a Llama-family decoder without
+    The runner's own test (``llmdoctor_vllm.layers.unwrap_decoder``: a Llama-family decoder without
     sliding-window attention) is applied to an empty model built on the meta device, so no
     weights are read or allocated.
     """
     import torch
     from transformers import AutoModelForCausalLM
 
-    from llmdoctor_vllm.runner import _unwrap
+    from llmdoctor_vllm.layers import unwrap_decoder
 
     try:
         with torch.device("meta"):
@@ -34,14 +34,14 @@ def check_architecture(config) -> None:
     except Exception as e:  # noqa: BLE001 - not a causal LM transformers can build
         raise DoctorMismatchError(f"the doctor's config is not a causal LM transformers can build: {e}") from None
     try:
-        _unwrap(model)
+        unwrap_decoder(model)
     except ValueError as e:
         raise DoctorMismatchError(f"{e}; the plugin could not serve this doctor") from None
 
 
 def patient_tokenizer_record(rewards_dir: str | Path) -> dict | None:
     """The patient tokenizer's fingerprint and size as Stage 1 recorded them in ``summary.json``
-    (None for a dataset not written by ``llmdoctor rewards``, or by one too old to record it)."""
+    (None for a dataset not written by ``llmdoctor rewards``)."""
     path = Path(rewards_dir) / SUMMARY_NAME
     try:
         summary = json.loads(path.read_text())
@@ -52,7 +52,7 @@ def patient_tokenizer_record(rewards_dir: str | Path) -> dict | None:
     return {"fingerprint": summary["tokenizer_fingerprint"], "size": summary.get("tokenizer_size")}
 
 
-def check_tokenizer(tokenizer, rewards_dir: str | Path) -> None:
+def check_rewards_tokenizer(tokenizer, rewards_dir: str | Path) -> None:
     """Raises :class:`DoctorMismatchError` when the doctor's tokenizer is not the one Stage 1 scored
     with (the patient's); only warns when the rewards carry no record of it."""
     from llmdoctor_vllm.checkpoint import tokenizer_fingerprint
