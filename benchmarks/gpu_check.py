@@ -102,7 +102,7 @@ def _engine_kwargs(check: str) -> dict | None:
     elif check == "async_scheduling":
         if not gpu:
             return None
-        kw |= dict(async_scheduling=True, logits_processors=["llmdoctor_vllm:LLMDoctor"])
+        kw |= dict(async_scheduling=True, logits_processors=["llmdoctor_vllm:GuidanceProcessor"])
     elif check == "tensor_parallel_2":
         if torch.cuda.device_count() < 2:
             return None

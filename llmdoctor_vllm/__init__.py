@@ -2,18 +2,18 @@
 
 Two public classes, two jobs:
 
-- :class:`LLMDoctor` (capital D; also ``LLMDoctorLogitsProcessor``) is the vLLM plugin, the
+- :class:`GuidanceProcessor` (the class ``GuidanceLogitsProcessor``) is the vLLM plugin, the
   logits processor itself. vLLM loads it from the ``vllm.logits_processors`` entry point named
-  ``llmdoctor``; on the command line it is ``--logits-processors llmdoctor_vllm:LLMDoctor``.
-- :class:`LLMdoctor` (lower-case d) is the one-call Python API: a ``vllm.LLM`` for the patient
-  with doctors plugged in (``LLMdoctor(patient_model=..., doctor_checkpoint=...).generate(...)``).
+  ``llmdoctor``; on the command line it is ``--logits-processors llmdoctor_vllm:GuidanceProcessor``.
+- :class:`LLMdoctor` is the one-call Python API: a ``vllm.LLM`` for the patient with doctors
+  plugged in (``LLMdoctor(patient_model=..., doctor_checkpoint=...).generate(...)``).
 
 This module imports nothing heavy, because vLLM imports the plugin in its front-end process too.
 """
 
 __version__ = "0.1.0"
 
-__all__ = ["LLMDoctor", "LLMDoctorLogitsProcessor", "LLMdoctor", "save_doctor", "load_doctor"]
+__all__ = ["GuidanceProcessor", "GuidanceLogitsProcessor", "LLMdoctor", "save_doctor", "load_doctor"]
 
 
 def __getattr__(name):
@@ -21,10 +21,10 @@ def __getattr__(name):
         from llmdoctor_vllm.api import LLMdoctor
 
         return LLMdoctor
-    if name in ("LLMDoctor", "LLMDoctorLogitsProcessor"):
-        from llmdoctor_vllm.processor import LLMDoctorLogitsProcessor
+    if name in ("GuidanceProcessor", "GuidanceLogitsProcessor"):
+        from llmdoctor_vllm.processor import GuidanceLogitsProcessor
 
-        return LLMDoctorLogitsProcessor
+        return GuidanceLogitsProcessor
     if name in ("save_doctor", "load_doctor"):
         from llmdoctor_vllm import checkpoint
 

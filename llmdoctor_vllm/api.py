@@ -14,13 +14,13 @@ def close_engine(llm) -> None:
     them aborts the process (SIGABRT, "terminate called without an active exception") after all
     work is done; shutting down and joining the thread first avoids that.
     """
+    from llmdoctor_vllm.vllm_internals import join_output_thread
+
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is None:
         return
     core.shutdown()
-    thread = getattr(core, "output_queue_thread", None)  # the multi-process client only
-    if thread is not None:
-        thread.join(timeout=30)
+    join_output_thread(core)
 
 
 class LLMdoctor:
@@ -28,22 +28,23 @@ class LLMdoctor:
 
     ``doctor_checkpoint`` is a checkpoint path or a ``{name: path}`` mapping; ``alpha``, ``beta``,
     ``rule`` and ``patient_min_p`` are the defaults of every request (``generate`` takes per-call
-    overrides).
+    overrides); one left out keeps the engine setting's default
+    (:class:`~llmdoctor_vllm.config.GuidanceDefaults`).
     Other keyword arguments go to ``vllm.LLM``. Use it as a context manager (or call
     ``close()``) to shut the engine down when done.
     """
 
     def __init__(self, patient_model: str | PathLike, doctor_checkpoint: str | PathLike | Mapping[str, str],
-                 alpha: float = 1.0, beta: float | Mapping[str, float] = 0.8, rule: str = "product",
-                 patient_min_p: float = 0.0, **llm_kwargs):
+                 alpha: float | None = None, beta: float | Mapping[str, float] | None = None,
+                 rule: str | None = None, patient_min_p: float | None = None, **llm_kwargs):
         from vllm import LLM
 
         doctors = ({str(k): str(v) for k, v in doctor_checkpoint.items()} if isinstance(doctor_checkpoint, Mapping)
                    else {"doctor": str(doctor_checkpoint)})
         beta = dict(beta) if isinstance(beta, Mapping) else beta
         additional = dict(llm_kwargs.pop("additional_config", None) or {})
-        additional["llmdoctor"] = {"doctors": doctors, "alpha": alpha, "beta": beta, "rule": rule,
-                                   "patient_min_p": patient_min_p}
+        given = {"alpha": alpha, "beta": beta, "rule": rule, "patient_min_p": patient_min_p}
+        additional["llmdoctor"] = {"doctors": doctors, **{k: v for k, v in given.items() if v is not None}}
         self.doctors = list(doctors)
         self.llm = LLM(model=str(patient_model), additional_config=additional, **llm_kwargs)
 

@@ -18,15 +18,16 @@ A request whose doctor weights are all 0 is not guided at all: its output is pla
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import weakref
+from dataclasses import dataclass, fields
+from functools import cached_property
 
 import numpy as np
 
 CONFIG_KEY = "llmdoctor"
 PREFIX = "llmdoctor_"
 RULES = ("product", "delta")
-_ENGINE_KEYS = {"doctors", "alpha", "beta", "rule", "patient_min_p", "cache_tokens", "block_size", "dtype",
-                "prefill_chunk_tokens", "cuda_graphs"}
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 class GuidanceConfigError(ValueError):
@@ -55,24 +56,107 @@ def _number(value, name: str, *, minimum: float | None = None, maximum: float = 
     return x
 
 
-@dataclass(frozen=True)
-class EngineGuidance:
-    """The ``llmdoctor`` section of ``additional_config``: the doctors and the defaults."""
+def _integer(value, name: str, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    return value
 
-    doctors: dict[str, str]
-    alpha: float = 1.0
-    beta: dict[str, float] = field(default_factory=dict)  # default weight per doctor
-    rule: str = "product"
-    patient_min_p: float = 0.0  # guidance only among tokens with p >= this x the patient's top p [D]
-    cache_tokens: int | None = None  # doctor KV budget per doctor model, in tokens
+
+def _rule(value, name: str) -> str:
+    if value not in RULES:
+        raise ValueError(f"{name} must be one of {list(RULES)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class GuidanceDefaults:
+    """The settings a request may override (``llmdoctor_<name>``), each with its one default.
+
+    ``beta`` 0.5 (METHOD's default): an operator who configures a doctor means it to steer the
+    requests that name no llmdoctor argument (an OpenAI client sends none); 0 makes guidance
+    opt-in per request.
+    """
+
+    alpha: float = 1.0  # weight of the patient's log-probabilities
+    beta: float | dict[str, float] = 0.5  # weight of every doctor, or {doctor: weight}
+    rule: str = "product"  # "product" (the paper's) or "delta" (doctor minus its reference)
+    patient_min_p: float = 0.0  # guidance only among tokens with p >= this x the patient's top p
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineGuidance(GuidanceDefaults):
+    """The ``llmdoctor`` section of ``additional_config``: the doctors, the request defaults and the
+    doctor runner's settings. Every value is checked on construction (a bad one raises
+    :class:`GuidanceConfigError` naming it); ``beta`` becomes one weight per doctor."""
+
+    doctors: dict[str, str]  # name -> checkpoint path (a bare path: one doctor named "doctor")
+    cache_tokens: int | None = None  # doctor KV budget per doctor model, in tokens (default: the patient's)
     block_size: int = 16
     dtype: str | None = None  # doctor dtype; default: the engine's
     prefill_chunk_tokens: int = 2048  # most tokens in one doctor forward (a longer prompt takes several)
     cuda_graphs: bool = False  # decode-only doctor steps captured as CUDA graphs (off until shown on a GPU)
 
+    def __post_init__(self):
+        try:
+            self._check()
+        except GuidanceConfigError:
+            raise
+        except ValueError as e:
+            raise GuidanceConfigError(str(e)) from None
+
+    def _check(self) -> None:
+        put = object.__setattr__.__get__(self)
+        doctors = {"doctor": self.doctors} if isinstance(self.doctors, str) else self.doctors
+        if not isinstance(doctors, dict) or not doctors or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in doctors.items()):
+            raise ValueError('llmdoctor: "doctors" must map doctor names to checkpoint paths')
+        for name in doctors:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"llmdoctor: doctor name {name!r} must be alphanumeric (with - or _)")
+        put("doctors", dict(doctors))
+        put("alpha", _number(self.alpha, "llmdoctor alpha", minimum=0.0))
+        if isinstance(self.beta, dict):
+            unknown = set(self.beta) - set(doctors)
+            if unknown:
+                raise ValueError(f"llmdoctor beta names unknown doctor(s) {sorted(unknown)}")
+            beta = {n: _number(self.beta.get(n, 0.0), f"llmdoctor beta[{n}]", minimum=0.0) for n in doctors}
+        else:
+            b = _number(self.beta, "llmdoctor beta", minimum=0.0)
+            beta = {n: b for n in doctors}
+        put("beta", beta)
+        _rule(self.rule, "llmdoctor rule")
+        put("patient_min_p", _number(self.patient_min_p, "llmdoctor patient_min_p", minimum=0.0, maximum=1.0))
+        if self.cache_tokens is not None:
+            _integer(self.cache_tokens, "llmdoctor cache_tokens", 16)
+        _integer(self.block_size, "llmdoctor block_size", 1)
+        if self.cache_tokens is not None and self.block_size > self.cache_tokens:
+            raise ValueError(f"llmdoctor block_size ({self.block_size}) must not exceed cache_tokens "
+                             f"({self.cache_tokens})")
+        _integer(self.prefill_chunk_tokens, "llmdoctor prefill_chunk_tokens", 1)
+        if not isinstance(self.cuda_graphs, bool):
+            raise ValueError(f"llmdoctor cuda_graphs must be true or false, got {self.cuda_graphs!r}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"llmdoctor dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
     @property
     def names(self) -> list[str]:
         return list(self.doctors)
+
+    @cached_property
+    def request_keys(self) -> frozenset[str]:
+        """The ``extra_args`` keys a request may set on this engine."""
+        keys = [f.name for f in fields(GuidanceDefaults)] + ["doctors"] + [f"beta_{n}" for n in self.doctors]
+        return frozenset(PREFIX + k for k in keys)
+
+    @cached_property
+    def default_request(self) -> "RequestGuidance | None":
+        """The guidance of a request that names no llmdoctor argument (``None``: such requests are plain)."""
+        weights = np.array([self.beta[n] for n in self.doctors], dtype=np.float32)
+        if not weights.any():
+            return None
+        return RequestGuidance(alpha=self.alpha, betas=weights, delta=self.rule == "delta",
+                               patient_min_p=self.patient_min_p)
 
     def check_delta_references(self, guidance: "RequestGuidance", has_reference: dict[str, bool]) -> None:
         """Raises unless every doctor a delta-rule request uses has a reference."""
@@ -91,57 +175,13 @@ class EngineGuidance:
             return None
         if not isinstance(raw, dict):
             raise GuidanceConfigError(f"additional_config['{CONFIG_KEY}'] must be an object, got {raw!r}")
-        unknown = set(raw) - _ENGINE_KEYS
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
         if unknown:
-            raise GuidanceConfigError(f"llmdoctor: unknown setting(s) {sorted(unknown)}; known: {sorted(_ENGINE_KEYS)}")
-        doctors = raw.get("doctors")
-        if isinstance(doctors, str):
-            doctors = {"doctor": doctors}
-        if not isinstance(doctors, dict) or not doctors or not all(
-                isinstance(k, str) and isinstance(v, str) for k, v in doctors.items()):
+            raise GuidanceConfigError(f"llmdoctor: unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        if "doctors" not in raw:
             raise GuidanceConfigError('llmdoctor: "doctors" must map doctor names to checkpoint paths')
-        for name in doctors:
-            if not name.replace("_", "").replace("-", "").isalnum():
-                raise GuidanceConfigError(f"llmdoctor: doctor name {name!r} must be alphanumeric (with - or _)")
-        try:
-            alpha = _number(raw.get("alpha", 1.0), "llmdoctor alpha", minimum=0.0)
-            beta_raw = raw.get("beta", 0.5)
-            if isinstance(beta_raw, dict):
-                unknown_b = set(beta_raw) - set(doctors)
-                if unknown_b:
-                    raise ValueError(f"llmdoctor beta names unknown doctor(s) {sorted(unknown_b)}")
-                beta = {n: _number(beta_raw.get(n, 0.0), f"llmdoctor beta[{n}]", minimum=0.0) for n in doctors}
-            else:
-                b = _number(beta_raw, "llmdoctor beta", minimum=0.0)
-                beta = {n: b for n in doctors}
-            rule = raw.get("rule", "product")
-            if rule not in RULES:
-                raise ValueError(f"llmdoctor rule must be one of {RULES}, got {rule!r}")
-            patient_min_p = _number(raw.get("patient_min_p", 0.0), "llmdoctor patient_min_p", minimum=0.0,
-                                    maximum=1.0)
-            cache_tokens = raw.get("cache_tokens")
-            if cache_tokens is not None and (not isinstance(cache_tokens, int) or isinstance(cache_tokens, bool)
-                                             or cache_tokens < 16):
-                raise ValueError(f"llmdoctor cache_tokens must be an integer >= 16, got {cache_tokens!r}")
-            block_size = raw.get("block_size", 16)
-            if not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
-                raise ValueError(f"llmdoctor block_size must be a positive integer, got {block_size!r}")
-            if cache_tokens is not None and block_size > cache_tokens:
-                raise ValueError(f"llmdoctor block_size ({block_size}) must not exceed cache_tokens ({cache_tokens})")
-            chunk = raw.get("prefill_chunk_tokens", 2048)
-            if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
-                raise ValueError(f"llmdoctor prefill_chunk_tokens must be a positive integer, got {chunk!r}")
-            graphs = raw.get("cuda_graphs", False)
-            if not isinstance(graphs, bool):
-                raise ValueError(f"llmdoctor cuda_graphs must be true or false, got {graphs!r}")
-            dtype = raw.get("dtype")
-            if dtype is not None and dtype not in ("float32", "float16", "bfloat16"):
-                raise ValueError(f"llmdoctor dtype must be float32, float16 or bfloat16, got {dtype!r}")
-        except ValueError as e:
-            raise GuidanceConfigError(str(e)) from None
-        return cls(doctors=dict(doctors), alpha=alpha, beta=beta, rule=rule, patient_min_p=patient_min_p,
-                   cache_tokens=cache_tokens, block_size=block_size, dtype=dtype, prefill_chunk_tokens=chunk,
-                   cuda_graphs=graphs)
+        return cls(**raw)
 
     def request(self, extra_args: dict | None) -> "RequestGuidance | None":
         """This engine's guidance for one request; ``None`` when it is not guided.
@@ -149,17 +189,16 @@ class EngineGuidance:
         Raises ``ValueError`` naming the field for a bad request.
         """
         args = {k: v for k, v in (extra_args or {}).items() if k.startswith(PREFIX)}
+        if not args:
+            return self.default_request
         names = self.names
-        known = {"alpha", "beta", "doctors", "rule", "patient_min_p"} | {f"beta_{n}" for n in names}
         for key in args:
-            if key[len(PREFIX):] not in known:
+            if key not in self.request_keys:
                 if key.startswith(PREFIX + "beta_"):
                     raise ValueError(f"{key}: unknown doctor {key[len(PREFIX) + 5:]!r}; this server has {names}")
-                raise ValueError(f"{key}: unknown llmdoctor argument; known: {sorted(PREFIX + k for k in known)}")
+                raise ValueError(f"{key}: unknown llmdoctor argument; known: {sorted(self.request_keys)}")
         alpha = _number(args.get(PREFIX + "alpha", self.alpha), PREFIX + "alpha", minimum=0.0)
-        rule = args.get(PREFIX + "rule", self.rule)
-        if rule not in RULES:
-            raise ValueError(f"{PREFIX}rule must be one of {list(RULES)}, got {rule!r}")
+        rule = _rule(args.get(PREFIX + "rule", self.rule), PREFIX + "rule")
         min_p = _number(args.get(PREFIX + "patient_min_p", self.patient_min_p), PREFIX + "patient_min_p",
                         minimum=0.0, maximum=1.0)
         chosen = args.get(PREFIX + "doctors")
@@ -187,6 +226,24 @@ class EngineGuidance:
         if not weights.any():
             return None
         return RequestGuidance(alpha=alpha, betas=weights, delta=(rule == "delta"), patient_min_p=min_p)
+
+
+_PARSED: dict[int, tuple] = {}  # id(vllm_config) -> (weak reference to it, its EngineGuidance or None)
+
+
+def engine_guidance(vllm_config) -> EngineGuidance | None:
+    """The engine's parsed ``llmdoctor`` section, parsed once per engine config (not per request)."""
+    key = id(vllm_config)
+    hit = _PARSED.get(key)
+    if hit is not None and hit[0]() is vllm_config:
+        return hit[1]
+    parsed = EngineGuidance.from_additional_config(getattr(vllm_config, "additional_config", None))
+    try:
+        ref = weakref.ref(vllm_config, lambda _, k=key: _PARSED.pop(k, None))
+    except TypeError:  # not weakly referenceable: parse every time
+        return parsed
+    _PARSED[key] = (ref, parsed)
+    return parsed
 
 
 @dataclass(frozen=True)

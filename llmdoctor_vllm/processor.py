@@ -1,11 +1,16 @@
-"""``llmdoctor``: the logits processor registered with vLLM, for both model runners.
+"""The guidance logits processor registered with vLLM, for both model runners.
+
+Public name: ``llmdoctor_vllm:GuidanceProcessor`` (class :class:`GuidanceLogitsProcessor`), the
+entry point ``llmdoctor`` of the ``vllm.logits_processors`` group.
 
 vLLM has two custom-processor interfaces: V1 (``update_state`` / ``apply(logits)``; CPU, and
 GPU with ``VLLM_USE_V2_MODEL_RUNNER=0``) and Model Runner V2 (``add_request`` /
 ``apply(logits, ctx)``; the CUDA default), whose loader rejects any entry-point class that is
 not a V2 subclass. This one class is both: two thin adapters over :class:`GuidanceCore`.
 Unconfigured (no ``llmdoctor`` section in ``additional_config``) it loads nothing, declines
-every request under V2 and returns the logits untouched under V1.
+every request under V2 and returns the logits untouched under V1. vLLM imports this module in
+its API-server process too (for ``validate_params``): the doctor runner and its model code are
+imported only where a processor is built.
 """
 
 from __future__ import annotations
@@ -20,31 +25,23 @@ from vllm.v1.sample.logits_processor.interface import BatchUpdate, MoveDirection
 from vllm.v1.sample.logits_processor.interface import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor as V2LogitsProcessor
 
-from llmdoctor_vllm.config import EngineGuidance, GuidanceConfigError
-from llmdoctor_vllm.frontend import check_request, engine_config_of_caller
-from llmdoctor_vllm.runner import to_device
-from llmdoctor_vllm.slots import finished_slot_source
+from llmdoctor_vllm.config import GuidanceConfigError, engine_guidance
+from llmdoctor_vllm.device import to_device
+from llmdoctor_vllm.frontend import check_request
+from llmdoctor_vllm.vllm_internals import engine_config_of_caller, finished_slot_source, is_last_pipeline_stage
+
+PUBLIC_NAME = "llmdoctor_vllm:GuidanceProcessor"  # what --logits-processors takes
 
 logger = init_logger("vllm.llmdoctor")
 
 # One steering instance per engine config in a process: vLLM builds the class twice when it is
 # both installed (entry point) and named in --logits-processors.
-_OWNERS: "weakref.WeakValueDictionary[int, LLMDoctorLogitsProcessor]" = weakref.WeakValueDictionary()
+_OWNERS: "weakref.WeakValueDictionary[int, GuidanceLogitsProcessor]" = weakref.WeakValueDictionary()
 
 
-def active_processors() -> list["LLMDoctorLogitsProcessor"]:
+def active_processors() -> list["GuidanceLogitsProcessor"]:
     """The steering instances alive in this process (the engine's, in in-process mode)."""
     return [p for p in _OWNERS.values() if p.core is not None]
-
-
-def _is_last_pipeline_stage() -> bool:
-    """Only the last pipeline stage samples; the others need no doctor."""
-    try:
-        from vllm.distributed import get_pp_group
-
-        return get_pp_group().is_last_rank
-    except (AssertionError, ImportError, AttributeError):  # no distributed state (a bare harness)
-        return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,13 +59,17 @@ def _named(processors) -> bool:
     """Whether ``--logits-processors`` names this class (then vLLM fills in async placeholders)."""
     for p in processors or ():
         cls = p if isinstance(p, type) else _resolve(str(p))
-        if isinstance(cls, type) and issubclass(cls, LLMDoctorLogitsProcessor):
+        if isinstance(cls, type) and issubclass(cls, GuidanceLogitsProcessor):
             return True
     return False
 
 
 def check_engine(vllm_config, v2: bool) -> None:
-    """Refuses, at engine start, the engine features under which guidance cannot be trusted."""
+    """Refuses, at engine start, the engine features under which guidance cannot be trusted.
+
+    (V1 with speculative decoding never builds the processor, so never reaches this: there the
+    front end refuses every request that would be guided, see :func:`~llmdoctor_vllm.frontend.check_request`.)
+    """
     if getattr(vllm_config, "speculative_config", None) is not None:
         raise GuidanceConfigError("llmdoctor: guidance does not support speculative decoding (the doctor would "
                                   "have to score every draft token); start the server without a speculative config, "
@@ -77,16 +78,16 @@ def check_engine(vllm_config, v2: bool) -> None:
     if not v2 and getattr(sched, "async_scheduling", False) and not _named(vllm_config.model_config.logits_processors):
         raise GuidanceConfigError(
             "llmdoctor: vLLM's V1 model runner with async scheduling hands logits processors placeholder (-1) "
-            "tokens unless the processor is named on the command line; add `--logits-processors "
-            "llmdoctor_vllm:LLMDoctor` (or LLM(logits_processors=['llmdoctor_vllm:LLMDoctor'])), or turn async "
-            "scheduling off with --no-async-scheduling")
+            f"tokens unless the processor is named on the command line; add `--logits-processors {PUBLIC_NAME}` "
+            f"(or LLM(logits_processors=['{PUBLIC_NAME}'])), or turn async scheduling off with "
+            "--no-async-scheduling")
 
 
-class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
+class GuidanceLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
     """Steers guided requests by ``alpha * log p_patient + sum_i beta_i * log p_doctor_i``.
 
     Per-request weights come from ``SamplingParams.extra_args`` (``vllm_xargs`` over HTTP);
-    see :mod:`llmdoctor_vllm.config` for the keys. Public name: ``llmdoctor_vllm:LLMDoctor``.
+    see :mod:`llmdoctor_vllm.config` for the keys. Public name: ``llmdoctor_vllm:GuidanceProcessor``.
     """
 
     def __init__(self, vllm_config, device_or_req_states, is_pin_memory: bool | None = None):
@@ -94,11 +95,11 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
         self.req_states = device_or_req_states if self.v2 else None
         device = device_or_req_states.device if self.v2 else device_or_req_states
         self.core = None
-        engine = EngineGuidance.from_additional_config(getattr(vllm_config, "additional_config", None))
+        engine = engine_guidance(vllm_config)
         if engine is None:
             return
         check_engine(vllm_config, self.v2)
-        if not _is_last_pipeline_stage():
+        if not is_last_pipeline_stage():
             logger.info("llmdoctor: not the last pipeline stage; no doctor is loaded here")
             return
         owner = _OWNERS.get(id(vllm_config))
@@ -112,6 +113,7 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
         _OWNERS[id(vllm_config)] = self
         self.prompts: list = [None] * self.core.max_slots  # V1: live token lists per batch index
         self.outputs: list = [None] * self.core.max_slots
+        self.params: list = [None] * self.core.max_slots  # V1: each request's SamplingParams (its identity)
         self._finished = finished_slot_source(self.req_states) if self.v2 else None
         if self.v2 and self._finished is None:
             logger.warning("llmdoctor: cannot see which request slots this vLLM's model runner freed; a finished "
@@ -120,10 +122,8 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
     # -- both interfaces ---------------------------------------------------------------
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        """Rejects a request with bad llmdoctor arguments (the server answers HTTP 400)."""
-        extra = sampling_params.extra_args or {}
-        if any(k.startswith("llmdoctor_") for k in extra):
-            check_request(extra, engine_config_of_caller())
+        """Rejects a request this engine cannot serve as asked (the server answers HTTP 400)."""
+        check_request(sampling_params.extra_args, engine_config_of_caller())
 
     def is_argmax_invariant(self) -> bool:
         """Guidance changes which token is most likely, so greedy requests are steered too."""
@@ -135,21 +135,23 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
             return
         core = self.core
         for index in batch_update.removed:
-            # finished, preempted or only left out of this step: keep its caches for a while
+            # finished, preempted or only left out of this step: keep its caches for a while, under
+            # its SamplingParams (vLLM keeps that object across re-adds; the output list it replaces)
             if core.guided[index]:
-                core.park(index, id(self.outputs[index]), keepalive=self.outputs[index])
-            self.prompts[index] = self.outputs[index] = None
+                params = self.params[index]
+                core.park(index, id(params), keepalive=params, tokens=self.prompts[index] + self.outputs[index])
+            self.prompts[index] = self.outputs[index] = self.params[index] = None
         for index, params, prompt, output in batch_update.added:
             if core.add(index, params.extra_args):
-                self.prompts[index], self.outputs[index] = prompt or [], output
-                core.adopt(index, id(output))  # its own caches, if it only sat out some steps
+                self.prompts[index], self.outputs[index], self.params[index] = prompt or [], output, params
+                core.adopt(index, id(params), self.prompts[index] + output)  # its caches, if it sat out some steps
                 core.resumed += bool(output)  # a preempted request comes back with its output so far
             else:
-                self.prompts[index] = self.outputs[index] = None
+                self.prompts[index] = self.outputs[index] = self.params[index] = None
         for a, b, direction in batch_update.moved:
             swap = direction == MoveDirectionality.SWAP
             core.move(a, b, swap)
-            for lst in (self.prompts, self.outputs):
+            for lst in (self.prompts, self.outputs, self.params):
                 lst[a], lst[b] = (lst[b] if swap else None), lst[a]
         core.expire_parked()
         core.write_stats()
@@ -231,4 +233,4 @@ class LLMDoctorLogitsProcessor(V2LogitsProcessor, V1LogitsProcessor):
         return core.apply(logits, rows, ctx.idx_mapping_np[rows], self._v2_tokens(ctx, rows))
 
 
-LLMDoctor = LLMDoctorLogitsProcessor
+GuidanceProcessor = GuidanceLogitsProcessor

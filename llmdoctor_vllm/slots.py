@@ -1,44 +1,92 @@
-"""Which request slots Model Runner V2 has freed: the removal hook its interface lacks.
+"""Per-slot request state, kept as vLLM's ``MinPLogitsProcessor`` keeps its own.
 
-MRV2 tells a logits processor about a request when it enters a slot (``add_request``) but not
-when it leaves: a finished or preempted request's slot just drops out of the batch until it is
-reused, exactly like a request the scheduler left out of one step (or that sits in another
-pipeline micro-batch). Freeing doctor caches on absence would rebuild them needlessly; keeping
-them until reuse would hold memory and count finished requests as guided. The runner's
-``RequestState`` knows (its ``free_indices``); the processor is given only a view of it, so it
-is found once, at start, as the object that owns the same token table.
+One record per batch slot in one pinned host array (a numpy structured view, one view per
+field), changed only when the batch changes; the fields the device step reads (``alpha`` and
+``log(patient_min_p)``) mirrored to the device when they changed; one :meth:`SlotState.move`
+for vLLM's moves and swaps. The flags that only the device knows (a row whose doctor could not
+guide it) live on the device and move with their slot there.
 """
 
 from __future__ import annotations
 
-import gc
-from typing import Callable
-
 import numpy as np
+import torch
 
 
-def _owner_of(table) -> object | None:
-    """The object (other than the processor's view) whose attributes hold ``table``.
+def _record(num_doctors: int) -> np.dtype:
+    n = max(1, num_doctors)
+    return np.dtype([
+        ("guided", np.bool_),
+        ("delta", np.bool_),  # the delta rule: doctor minus its reference
+        ("alpha", np.float32),
+        ("patient_min_p", np.float32),  # 0: the full vocabulary
+        ("betas", np.float32, (n,)),
+        ("streams", np.int64, (n,)),  # each doctor's stream id, -1 when none
+        ("ref_streams", np.int64, (n,)),  # each doctor's reference stream id (delta rule), -1 when none
+        ("generation", np.int64),  # which request holds the slot: a number no other request had, 0 when none
+        ("last_used", np.int64),  # the step that last fed its doctor caches
+    ])
 
-    CPython reports an instance as the referrer of its attribute values, or its ``__dict__``
-    once that dict has been materialised; both are looked at.
-    """
-    for ref in gc.get_referrers(table):
-        owners = gc.get_referrers(ref) if isinstance(ref, dict) else [ref]
-        for owner in owners:
-            if getattr(owner, "all_token_ids", None) is table and isinstance(getattr(owner, "free_indices", None), list):
-                return owner
-    return None
 
+class SlotState:
+    """The per-slot state of one engine worker's guided requests (see the module docstring)."""
 
-def finished_slot_source(req_states) -> Callable[[], np.ndarray] | None:
-    """A function returning the slots free in the runner now, or ``None`` if they cannot be seen."""
-    state = _owner_of(getattr(req_states, "all_token_ids", None))
-    if state is None:
-        return None
+    def __init__(self, max_slots: int, num_doctors: int, device: torch.device):
+        self.device = torch.device(device)
+        dtype = _record(num_doctors)
+        pin = self.device.type == "cuda"
+        self._buffer = torch.zeros(max_slots * dtype.itemsize, dtype=torch.uint8, pin_memory=pin)
+        self.table = self._buffer.numpy().view(dtype)
+        self.clear(np.arange(max_slots))
+        # alpha and log(patient_min_p) per slot, on the device
+        self.weights = torch.zeros((max_slots, 2), device=self.device)
+        self.blocked = torch.zeros(max_slots, dtype=torch.bool, device=self.device)  # no guidance possible
+        self._dirty = True
 
-    def free_slots() -> np.ndarray:
-        free = state.free_indices
-        return np.fromiter(free, dtype=np.int64, count=len(free))
+    def __getattr__(self, name):  # the fields as numpy views: state.streams[slot, d], state.guided[slots]
+        table = self.__dict__.get("table")
+        if table is not None and name in table.dtype.names:
+            return table[name]
+        raise AttributeError(name)
 
-    return free_slots
+    def clear(self, slots) -> None:
+        """Empties ``slots`` (host only)."""
+        rec = self.table[slots]
+        rec["guided"], rec["delta"], rec["alpha"], rec["patient_min_p"], rec["betas"] = False, False, 1.0, 0.0, 0.0
+        rec["streams"], rec["ref_streams"], rec["generation"], rec["last_used"] = -1, -1, 0, 0
+        self.table[slots] = rec
+
+    def assign(self, slot: int, guidance, generation: int) -> None:
+        """Gives ``slot`` to a new guided request."""
+        t = self.table
+        t["guided"][slot], t["delta"][slot], t["alpha"][slot] = True, guidance.delta, guidance.alpha
+        t["patient_min_p"][slot], t["betas"][slot] = guidance.patient_min_p, guidance.betas
+        t["streams"][slot] = t["ref_streams"][slot] = -1
+        t["generation"][slot] = generation
+        self.blocked[slot] = False
+        self._dirty = True
+
+    def move(self, a: int, b: int, swap: bool) -> None:
+        """The request at ``a`` moves to ``b``; with ``swap``, ``b``'s moves to ``a``, else ``a`` empties."""
+        t = self.table
+        t[[a, b]] = t[[b, a]]
+        held = self.blocked[b].clone()
+        self.blocked[b] = self.blocked[a]
+        self.blocked[a] = held
+        if not swap:
+            self.clear([a])
+            self.blocked[a] = False
+        self._dirty = True
+
+    def device_weights(self) -> torch.Tensor:
+        """``[max_slots, 2]`` alpha and log(patient_min_p) on the device, refreshed if they changed."""
+        if self._dirty:
+            host = np.empty(self.weights.shape, dtype=np.float32)
+            host[:, 0] = self.table["alpha"]
+            with np.errstate(divide="ignore"):
+                host[:, 1] = np.log(self.table["patient_min_p"])
+            from llmdoctor_vllm.runner import to_device
+
+            self.weights.copy_(to_device(host, self.device), non_blocking=True)
+            self._dirty = False
+        return self.weights

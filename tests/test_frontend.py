@@ -40,7 +40,7 @@ def _validators():
 
     # V1: entry points plus named classes; V2: the loader's validator closure (entry points + named)
     return {"v1": partial(validate_logits_processors_parameters, None),
-            "v2": build_custom_logits_processors_params_validator(["llmdoctor_vllm:LLMDoctor"])}
+            "v2": build_custom_logits_processors_params_validator(["llmdoctor_vllm:GuidanceProcessor"])}
 
 
 @pytest.mark.parametrize("runner", ["v1", "v2"])
@@ -68,8 +68,8 @@ def test_front_end_checks_against_the_engine(configs, runner):
 def test_without_an_engine_only_shapes_are_checked():
     from vllm import SamplingParams
 
-    from llmdoctor_vllm.processor import LLMDoctorLogitsProcessor
+    from llmdoctor_vllm.processor import GuidanceLogitsProcessor
 
-    LLMDoctorLogitsProcessor.validate_params(SamplingParams(extra_args={"llmdoctor_beta_x": 0.5}))
+    GuidanceLogitsProcessor.validate_params(SamplingParams(extra_args={"llmdoctor_beta_x": 0.5}))
     with pytest.raises(ValueError, match="llmdoctor_beta_x"):
-        LLMDoctorLogitsProcessor.validate_params(SamplingParams(extra_args={"llmdoctor_beta_x": "much"}))
+        GuidanceLogitsProcessor.validate_params(SamplingParams(extra_args={"llmdoctor_beta_x": "much"}))

@@ -12,7 +12,7 @@ from benchmarks.common import launch_server, stop_server
 from tests.helpers import sp
 
 SERVER_ARGS = ["--max-model-len", "256", "--max-num-seqs", "4"]
-CARD_ARGS = ["--logits-processor", "llmdoctor_vllm:LLMDoctor"]
+CARD_ARGS = ["--logits-processor", "llmdoctor_vllm:GuidanceProcessor"]
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +31,19 @@ def server(tiny, tmp_path_factory):
 
 
 def test_card_name_maps_to_the_plugin_class():
-    """``llmdoctor_vllm:LLMDoctor`` is what vLLM's parser and loader turn into the plugin class;
-    the card's bare ``llmdoctor`` is refused by vLLM as an invalid FQCN."""
+    """``llmdoctor_vllm:GuidanceProcessor`` is what vLLM's parser and loader turn into the plugin class;
+    a bare ``llmdoctor`` is refused by vLLM as an invalid FQCN."""
     from vllm.engine.arg_utils import EngineArgs
     from vllm.utils.argparse_utils import FlexibleArgumentParser
     from vllm.v1.sample.logits_processor import _load_logitsprocs_by_fqcns
 
-    from llmdoctor_vllm import LLMDoctor, LLMDoctorLogitsProcessor
+    import llmdoctor_vllm
+    from llmdoctor_vllm import GuidanceLogitsProcessor, GuidanceProcessor
 
-    assert LLMDoctor is LLMDoctorLogitsProcessor
+    assert GuidanceProcessor is GuidanceLogitsProcessor
+    assert not hasattr(llmdoctor_vllm, "LLMDoctor")  # one name, not one capital apart from LLMdoctor
     names = EngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(CARD_ARGS).logits_processors
-    assert _load_logitsprocs_by_fqcns(names) == [LLMDoctor]
+    assert _load_logitsprocs_by_fqcns(names) == [GuidanceProcessor]
     with pytest.raises(ValueError, match="Invalid logits processor FQCN 'llmdoctor'"):
         _load_logitsprocs_by_fqcns(["llmdoctor"])
 

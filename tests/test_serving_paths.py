@@ -141,10 +141,10 @@ def test_engine_checks_at_start(tiny):
                      additional_config={"llmdoctor": {"doctors": tiny["doctors"]}}).create_engine_config()
     check_engine(cfg, v2=False)  # the CPU engine: no async scheduling
     cfg.scheduler_config.async_scheduling = True
-    with pytest.raises(GuidanceConfigError, match="--logits-processors llmdoctor_vllm:LLMDoctor"):
+    with pytest.raises(GuidanceConfigError, match="--logits-processors llmdoctor_vllm:GuidanceProcessor"):
         check_engine(cfg, v2=False)
     check_engine(cfg, v2=True)  # MRV2 reads committed tokens, never placeholders
-    cfg.model_config.logits_processors = ["llmdoctor_vllm:LLMDoctor"]
+    cfg.model_config.logits_processors = ["llmdoctor_vllm:GuidanceProcessor"]
     check_engine(cfg, v2=False)
     cfg.speculative_config = object()
     with pytest.raises(GuidanceConfigError, match="speculative"):
@@ -191,11 +191,11 @@ def _v1_processor(tiny):
     import torch
     from vllm.engine.arg_utils import EngineArgs
 
-    from llmdoctor_vllm.processor import LLMDoctorLogitsProcessor
+    from llmdoctor_vllm.processor import GuidanceLogitsProcessor
 
     cfg = EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=128, max_num_seqs=4, enforce_eager=True,
                      additional_config={"llmdoctor": {"doctors": tiny["doctors"]}}).create_engine_config()
-    return LLMDoctorLogitsProcessor(cfg, torch.device("cpu"), False)
+    return GuidanceLogitsProcessor(cfg, torch.device("cpu"), False)
 
 
 def test_v1_request_sitting_out_keeps_its_doctor_cache(tiny):
@@ -223,7 +223,7 @@ def test_v1_request_sitting_out_keeps_its_doctor_cache(tiny):
     proc.apply(torch.randn(2, 384))
     proc.update_state(BatchUpdate(batch_size=2, removed=[0], added=[], moved=[]))
     assert len(proc.core.parked) == 1
-    held = int(next(iter(proc.core.parked.values()))[0][0][0])
+    held = int(next(iter(proc.core.parked.values()))[0].streams[0])
     output.append(9)
     proc.update_state(BatchUpdate(batch_size=2, removed=[], added=[(0, params, ids, output)], moved=[]))
     assert int(proc.core.streams[0, 0]) == held and not proc.core.parked
@@ -233,6 +233,40 @@ def test_v1_request_sitting_out_keeps_its_doctor_cache(tiny):
     assert int(runner.lengths[held]) == before + 1  # only the new token was fed
     proc.update_state(BatchUpdate(batch_size=0, removed=[0, 1], added=[], moved=[]))
     assert proc.core.num_guided == 0 and proc.core.occupancy()["doctor0"] == {"streams": 0, "blocks": 0}
+
+
+def test_v1_parked_cache_found_when_vllm_replaces_the_output_list(tiny):
+    """Under async scheduling vLLM re-adds a request with a new output list (same tokens); two
+    samples of one prompt (n > 1) share one SamplingParams in-process. Each gets its own parked
+    caches back, and a request whose tokens differ from what a parked cache holds does not."""
+    import torch
+    from vllm.v1.sample.logits_processor.interface import BatchUpdate
+
+    proc = _v1_processor(tiny)
+    ids = tiny["tokenizer"](PROMPTS[0])["input_ids"]
+    params = sp(guide={"beta": 1.0, "doctors": "doctor0"})  # one object for both samples
+    outs = [[], []]
+    keeper = sp(guide={"beta": 1.0, "doctors": "doctor0"})  # keeps a guided request alive throughout
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], added=[(0, params, ids, outs[0]), (1, params, ids, outs[1]),
+                                                                   (2, keeper, ids, [])], moved=[]))
+    for tok in (7, 8):
+        proc.apply(torch.randn(3, 384))
+        outs[0].append(tok)
+        outs[1].append(tok + 5)
+    streams = [int(proc.core.streams[s, 0]) for s in (0, 1)]
+    proc.update_state(BatchUpdate(batch_size=1, removed=[0, 1], added=[], moved=[]))  # both sit out
+    # re-added in the other order, each with a new list holding the same tokens (plus one sampled meanwhile)
+    again = [list(outs[1]), list(outs[0])]
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], added=[(0, params, ids, again[0]),
+                                                                   (1, params, ids, again[1])], moved=[]))
+    assert [int(proc.core.streams[s, 0]) for s in (0, 1)] == streams[::-1] and not proc.core.parked
+    runner = proc.core.doctors[0].runner
+    proc.apply(torch.randn(3, 384))
+    assert int(runner.lengths[streams[1]]) == len(ids) + 2  # fed the last token only, not rebuilt
+    # a request with other tokens under the same params does not take a parked cache
+    proc.update_state(BatchUpdate(batch_size=2, removed=[0], added=[], moved=[]))
+    proc.update_state(BatchUpdate(batch_size=3, removed=[], added=[(0, params, ids, [1, 2])], moved=[]))
+    assert int(proc.core.streams[0, 0]) == -1 and len(proc.core.parked) == 1
 
 
 def test_only_the_last_pipeline_stage_loads_doctors(tiny, monkeypatch):

@@ -20,8 +20,8 @@ R = math.tanh(1.0)  # a Stage 1 reward at mean importance
 
 # ---------------------------------------------------------------- brute-force references
 
-def brute_subtb(logp, rewards, log_v, lengths, weighting, lam=0.9, ref=None):
-    """The O(L^2) definition of METHOD.md, one sequence and one pair at a time; with ``ref``
+def brute_subtb(logp, rewards, log_v, lengths, weighting, subtb_lambda=0.9, ref=None):
+    """The O(L^2) definition (docs/method.md), one sequence and one pair at a time; with ``ref``
     (log pi_ref per token) the reference-relative prefix score ``sum (r_k + log pi_ref(y_k))``."""
     per_seq = []
     for b, n in enumerate(lengths):
@@ -31,17 +31,17 @@ def brute_subtb(logp, rewards, log_v, lengths, weighting, lam=0.9, ref=None):
         logv = [float(log_v[b][k]) for k in range(n)] + [0.0]  # boundary: log V(s_n) = 0
         flow = [logq[k] + logv[k] for k in range(n + 1)]
 
-        def delta(m, k):
+        def residual(m, k):
             return flow[m] + sum(float(logp[b][j]) for j in range(m, k)) - flow[k]
 
         if weighting == "trajectory":
-            per_seq.append(delta(0, n) ** 2)
+            per_seq.append(residual(0, n) ** 2)
             continue
         num = den = 0.0
         for m in range(n + 1):
             for k in range(m + 1, n + 1):
-                w = 1.0 if weighting == "all" else lam ** (k - m)
-                num += w * delta(m, k) ** 2
+                w = 1.0 if weighting == "all" else subtb_lambda ** (k - m)
+                num += w * residual(m, k) ** 2
                 den += w
         per_seq.append(num / den)
     return sum(per_seq) / len(per_seq)
@@ -64,8 +64,8 @@ def random_batch(lengths, L, seed=0):
 def test_subtb_equals_brute_force(weighting):
     lengths, L = [9, 3, 0, 6, 1], 9
     logp, rewards, log_v, mask = random_batch(lengths, L)
-    fast = subtb_loss(logp, prefix_log_q(rewards, mask), log_v, mask, weighting=weighting, lam=0.7)
-    ref = brute_subtb(logp.tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, lam=0.7)
+    fast = subtb_loss(logp, prefix_log_q(rewards, mask), log_v, mask, weighting=weighting, subtb_lambda=0.7)
+    ref = brute_subtb(logp.tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, subtb_lambda=0.7)
     assert fast.item() == pytest.approx(ref, rel=1e-10, abs=1e-12)
 
 
@@ -73,30 +73,31 @@ def test_subtb_equals_brute_force(weighting):
 def test_reference_target_equals_brute_force(weighting):
     from types import SimpleNamespace
 
-    from llmdoctor_train.stage2.trainer import tfpo_objective
+    from llmdoctor_train.stage2.loss import tfpo_objective
 
     lengths, L = [9, 3, 0, 6], 9
     logp, rewards, log_v, mask = random_batch(lengths, L, seed=4)
     ref = (-torch.rand(len(lengths), L, dtype=torch.float64) * 3).masked_fill(~mask, 11.0)
-    args = SimpleNamespace(subtb_weighting=weighting, subtb_lambda=0.7, lam=0.0, gamma=0.1)
+    args = SimpleNamespace(subtb_weighting=weighting, subtb_lambda=0.7, value_loss_weight=0.0, gamma=0.1,
+                           reward_scale=1.0, reference_weight=1.0)
     inputs = {"response_mask": mask, "rewards": rewards, "response_ids": torch.zeros(len(lengths), L, dtype=torch.long)}
     fast, _ = tfpo_objective(logp, log_v, inputs, args, ref_logp=ref)
-    want = brute_subtb(logp.tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, lam=0.7, ref=ref.tolist())
+    want = brute_subtb(logp.tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, subtb_lambda=0.7, ref=ref.tolist())
     assert fast.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
     # it is SubTB on log pi - log pi_ref with the paper's target
-    shifted = brute_subtb((logp - ref).tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, lam=0.7)
+    shifted = brute_subtb((logp - ref).tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, subtb_lambda=0.7)
     assert fast.item() == pytest.approx(shifted, rel=1e-10, abs=1e-12)
     # reward_scale c fits c x the rewards
     args.reward_scale = 2.5
     scaled, _ = tfpo_objective(logp, log_v, inputs, args, ref_logp=ref)
-    want = brute_subtb(logp.tolist(), (2.5 * rewards).tolist(), log_v.tolist(), lengths, weighting, lam=0.7,
+    want = brute_subtb(logp.tolist(), (2.5 * rewards).tolist(), log_v.tolist(), lengths, weighting, subtb_lambda=0.7,
                        ref=ref.tolist())
     assert scaled.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
     # reference_weight kappa: log Q = sum (c r + kappa log pi_ref); kappa = 0 is the absolute target
     for kappa in (0.5, 0.0):
         args.reward_scale, args.reference_weight = 1.0, kappa
         weighted, _ = tfpo_objective(logp, log_v, inputs, args, ref_logp=ref)
-        want = brute_subtb(logp.tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, lam=0.7,
+        want = brute_subtb(logp.tolist(), rewards.tolist(), log_v.tolist(), lengths, weighting, subtb_lambda=0.7,
                            ref=(kappa * ref).tolist())
         assert weighted.item() == pytest.approx(want, rel=1e-10, abs=1e-12)
     absolute, _ = tfpo_objective(logp, log_v, inputs, args, ref_logp=None)
@@ -107,7 +108,7 @@ def test_subtb_lambda_one_is_all_pairs_and_padding_is_inert():
     logp, rewards, log_v, mask = random_batch([5, 2], 5, seed=1)
     log_q = prefix_log_q(rewards, mask)
     a = subtb_loss(logp, log_q, log_v, mask, weighting="all")
-    assert subtb_loss(logp, log_q, log_v, mask, weighting="lambda", lam=1.0).item() == pytest.approx(a.item())
+    assert subtb_loss(logp, log_q, log_v, mask, weighting="lambda", subtb_lambda=1.0).item() == pytest.approx(a.item())
     # extra padding columns change nothing
     pad = lambda t, v: torch.cat([t, torch.full((t.shape[0], 3), v, dtype=t.dtype)], 1)  # noqa: E731
     wide_mask = pad(mask, False)
@@ -318,11 +319,12 @@ def test_zero_rewards_keep_the_doctor_its_reference(toy, tmp_path, lora):
 
 
 def test_absolute_target_moves_the_doctor_without_rewards(toy, tmp_path):
-    """The paper's target, for contrast: zero rewards still raise the likelihood of every training token."""
+    """The paper's target (reference_weight 0), for contrast: zero rewards still raise the likelihood of
+    every training token."""
     recs = synthetic_records(64)
     for r in recs:
         r["chosen_rewards"], r["rejected_rewards"] = [0.0] * 3, [0.0] * 3
-    tr = make_trainer(toy, tmp_path, lora=True, steps=30, records=recs, flow_target="absolute")
+    tr = make_trainer(toy, tmp_path, lora=True, steps=30, records=recs, reference_weight=0.0)
     tr.train()
     assert response_logratio(tr.model, None, synthetic_records(16, seed=99)).mean() > 0.5
 
@@ -338,7 +340,7 @@ def test_save_model_is_a_loadable_doctor(toy, tmp_path, lora):
     doc = load_doctor(out, patient_tokenizer=toy["tok"])
     assert doc.manifest.kind == ("lora" if lora else "full")
     assert doc.manifest.trained_for == "helpfulness" and doc.manifest.extra["loss_type"] == "tfpo"
-    assert doc.manifest.extra["flow_target"] == "reference"
+    assert doc.manifest.extra["reference_weight"] == 1.0 and doc.manifest.extra["value_loss_weight"] == 0.1
     for name, p in tr.value_head.state_dict().items():
         torch.testing.assert_close(doc.value_head.state_dict()[name], p)
     ids = torch.tensor([[11, 12, 13, GOOD]])
@@ -350,6 +352,36 @@ def test_save_model_is_a_loadable_doctor(toy, tmp_path, lora):
     else:
         assert doc.manifest.reference == str(toy["base"]) and doc.reference_model is not None
         assert not any("value_head" in k for k in doc.model.state_dict())
+
+
+def test_frozen_reference_is_built_in_init_and_only_when_used(toy, tmp_path):
+    """A full doctor's pi_ref is its starting weights, loaded and prepared before training, frozen; a
+    LoRA doctor's is its adapter disabled, and the paper's target (reference_weight 0) needs none."""
+    full = make_trainer(toy, tmp_path / "full", steps=1)
+    ref = full.ref_model
+    assert ref is not None and not ref.training and not any(p.requires_grad for p in ref.parameters())
+    start = {n: p.detach().clone() for n, p in ref.named_parameters()}
+    full.train()
+    assert all(torch.equal(p, start[n]) for n, p in ref.named_parameters())  # it never trains
+    assert make_trainer(toy, tmp_path / "lora", lora=True).ref_model is None
+    assert make_trainer(toy, tmp_path / "paper", reference_weight=0.0).ref_model is None
+
+
+def test_prepare_dataset_keeps_the_reward_fields_of_the_chosen_dimension(toy, tmp_path):
+    from datasets import Dataset
+
+    from llmdoctor_train.stage2.trainer import TFPOTrainer
+
+    recs = synthetic_records(4)
+    for r in recs:
+        r.update(chosen_rewards_safe=[9.0] * 3, rejected_rewards_safe=[-9.0] * 3, chosen_S=[0.5] * 3)
+    tr = make_trainer(toy, tmp_path, records=recs, dimension="safe")
+    assert sorted(tr.train_dataset.column_names) == sorted(
+        ["prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejected_rewards"])
+    assert tr.train_dataset[0]["chosen_rewards"] == [9.0] * 3
+    with pytest.raises(ValueError, match=r"lacks column\(s\) \['chosen_rewards_honest'"):
+        TFPOTrainer._prepare_dataset(Dataset.from_list(recs), tr.args.__class__(
+            output_dir=str(tmp_path), dimension="honest", use_cpu=True, report_to="none"), "train")
 
 
 @pytest.fixture(scope="module")
@@ -421,17 +453,31 @@ def test_cli_trains_from_a_saved_rewards_dataset(toy, tmp_path, capsys):
                  chosen_S=[0.5] * len(r["chosen_ids"]), row_index=0)
     DatasetDict(train=Dataset.from_list(recs), test=Dataset.from_list(recs[:4])).save_to_disk(str(tmp_path / "rw"))
     main(["train", "--rewards", str(tmp_path / "rw"), "--model", toy["base"], "--output", str(tmp_path / "out"),
-          "--max-steps", "2", "--batch-size", "4", "--lora-r", "4", "--subtb-weighting", "lambda",
-          "--dimension", "harmless", "--save-steps", "2", "--warmup-steps", "0", "--flow-target", "absolute"])
+          "--max_steps", "2", "--per_device_train_batch_size", "4", "--lora_r", "4", "--subtb_weighting",
+          "lambda", "--dimension", "harmless", "--save_steps", "2", "--warmup_steps", "0", "--reference_weight", "0"])
     doc = load_doctor(tmp_path / "out", patient_tokenizer=toy["tok"])
     assert doc.is_lora and doc.manifest.extra["subtb_weighting"] == "lambda"
-    assert doc.manifest.extra["flow_target"] == "absolute"
+    assert doc.manifest.extra["reference_weight"] == 0.0
     assert doc.manifest.trained_for == "harmless"
     assert (tmp_path / "out" / "checkpoints" / "checkpoint-2").is_dir()
     assert "eval_subtb" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="lacks column"):
         main(["train", "--rewards", str(tmp_path / "rw"), "--model", toy["base"], "--output", str(tmp_path / "o2"),
               "--dimension", "honest"])
+
+
+def test_cli_model_flags_are_trls_model_config(toy, tmp_path):
+    """LoRA is on by default; --use_peft false trains all weights; what the plugin cannot serve is refused."""
+    from llmdoctor_vllm.checkpoint import load_doctor
+    from llmdoctor_train.cli import main
+
+    rewards = _rewards_dir(tmp_path / "rw")
+    main(["train", "--rewards", rewards, "--model", toy["base"], "--output", str(tmp_path / "full"), "--use_peft",
+          "false", "--max_steps", "1", "--save_strategy", "no", "--use_cpu", "--report_to", "none"])
+    assert load_doctor(tmp_path / "full", patient_tokenizer=toy["tok"]).manifest.kind == "full"
+    for flags, message in ((["--lora_r", "0"], "lora_r must be positive"), (["--use_dora"], "use_dora")):
+        with pytest.raises(SystemExit, match=message):
+            main(["train", "--rewards", rewards, "--model", toy["base"], "--output", str(tmp_path / "x"), *flags])
 
 
 def test_response_logprobs_equal_a_full_log_softmax(toy, tmp_path):
@@ -493,7 +539,7 @@ def test_cli_reads_a_trl_style_config_file_and_any_training_flag(toy, tmp_path):
     args = torch.load(tmp_path / "out" / "training_args.bin", weights_only=False)
     assert str(args.lr_scheduler_type.value) == "constant" and args.learning_rate == 5e-4
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "TRL" in card and "llmdoctor_vllm:LLMDoctor" in card and "genarm" in card
+    assert "TRL" in card and "llmdoctor_vllm:GuidanceProcessor" in card and "genarm" in card
 
 
 def test_cli_refuses_a_foreign_tokenizer_or_architecture_before_training(toy, tmp_path):

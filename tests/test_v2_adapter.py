@@ -23,7 +23,7 @@ def v2(tiny):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcRequestState
 
-    from llmdoctor_vllm.processor import LLMDoctorLogitsProcessor
+    from llmdoctor_vllm.processor import GuidanceLogitsProcessor
 
     cfg = {"llmdoctor": {"doctors": tiny["doctors"], "beta": 0.0}}
     vllm_config = EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=MAX_LEN, max_num_seqs=MAX_REQS,
@@ -31,7 +31,7 @@ def v2(tiny):
     table = SimpleNamespace(gpu=torch.zeros((MAX_REQS, MAX_LEN), dtype=torch.int32))
     state = LogitsProcRequestState(device=torch.device("cpu"), max_num_reqs=MAX_REQS, vocab_size=384,
                                    all_token_ids=table, prompt_len=None, prefill_len=None, total_len=None)
-    proc = LLMDoctorLogitsProcessor(vllm_config, state)
+    proc = GuidanceLogitsProcessor(vllm_config, state)
     assert proc.v2 and proc.core is not None
     return proc, table
 
@@ -103,13 +103,13 @@ def test_v2_unconfigured_declines_everything(tiny):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcessor
 
-    from llmdoctor_vllm.processor import LLMDoctorLogitsProcessor
+    from llmdoctor_vllm.processor import GuidanceLogitsProcessor
 
-    assert issubclass(LLMDoctorLogitsProcessor, LogitsProcessor)  # the V2 loader's check
+    assert issubclass(GuidanceLogitsProcessor, LogitsProcessor)  # the V2 loader's check
     vllm_config = EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=MAX_LEN,
                              max_num_seqs=MAX_REQS).create_engine_config()
     state = SimpleNamespace(device=torch.device("cpu"))
-    proc = LLMDoctorLogitsProcessor(vllm_config, state)
+    proc = GuidanceLogitsProcessor(vllm_config, state)
     assert proc.add_request(0, SamplingParams(extra_args={"llmdoctor_beta": 1.0})) is False
     logits = torch.randn(1, 384)
     assert proc.apply(logits, None) is logits

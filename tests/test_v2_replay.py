@@ -115,14 +115,14 @@ def replay(tiny, hf_models, tmp_path, monkeypatch):
     from vllm.engine.arg_utils import EngineArgs
     from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcRequestState
 
-    from llmdoctor_vllm.processor import LLMDoctorLogitsProcessor
+    from llmdoctor_vllm.processor import GuidanceLogitsProcessor
 
     monkeypatch.setenv("LLMDOCTOR_STATS_FILE", str(tmp_path / "stats.json"))
     cfg = {"llmdoctor": {"doctors": tiny["doctors"], "beta": 0.0}}
     vllm_config = EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=MAX_LEN, max_num_seqs=MAX_REQS,
                              enforce_eager=True, additional_config=cfg).create_engine_config()
     state = RunnerState(vocab=384)
-    proc = LLMDoctorLogitsProcessor(vllm_config, LogitsProcRequestState.from_request_state(state))
+    proc = GuidanceLogitsProcessor(vllm_config, LogitsProcRequestState.from_request_state(state))
     assert proc.v2 and proc.core is not None and proc._finished is not None
     return Replay(proc, state, hf_models[0]), tmp_path / "stats.json"
 

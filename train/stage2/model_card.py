@@ -24,7 +24,7 @@ It is {{ kind }}{% if base_model %} on `{{ base_model }}`{% endif %}, with a val
 ## Serving it
 
 ```bash
-vllm serve PATIENT --logits-processors llmdoctor_vllm:LLMDoctor \\
+vllm serve PATIENT --logits-processors llmdoctor_vllm:GuidanceProcessor \\
     --additional-config '{"llmdoctor": {"doctors": {"{{ name }}": "{{ path }}"}}}'
 ```
 
@@ -69,7 +69,8 @@ def _versions() -> list[tuple[str, str]]:
 def _details(args) -> str:
     if args.loss_type != "tfpo":
         return f", beta_r {args.genarm_beta}"
-    return f", subtrajectories `{args.subtb_weighting}`, lam {args.lam}, gamma {args.gamma}"
+    return (f", subtrajectories `{args.subtb_weighting}`, value_loss_weight {args.value_loss_weight}, "
+            f"gamma {args.gamma}, reference_weight {args.reference_weight}")
 
 
 def write_model_card(output_dir: str, args, *, base_model: str | None, global_step: int = 0,
