@@ -23,23 +23,27 @@ SHAPES = {
 }
 
 
-def qwen2_config(shape, **overrides):
-    """A ``Qwen2Config`` for a shape tuple ``(hidden, layers, heads, kv heads, intermediate, vocab)``."""
-    from transformers import Qwen2Config
-
+def shape_kwargs(shape) -> dict:
+    """A shape tuple ``(hidden, layers, heads, kv heads, intermediate, vocab)`` as keyword arguments of
+    ``llmdoctor_train.toy.models.lm_config`` / ``build_tiny_lm`` (the project's one model builder)."""
     h, n, heads, kvh, inter, vocab = shape
-    kw = dict(vocab_size=vocab, hidden_size=h, intermediate_size=inter, num_hidden_layers=n, num_attention_heads=heads,
-              num_key_value_heads=kvh, max_position_embeddings=4096, tie_word_embeddings=False)
-    return Qwen2Config(**(kw | overrides))
+    return dict(hidden_size=h, num_layers=n, num_heads=heads, num_kv_heads=kvh, intermediate_size=inter,
+                vocab_size=vocab)
+
+
+def qwen2_config(shape, **overrides):
+    """The ``Qwen2Config`` of a shape tuple (see :func:`shape_kwargs`), 4096 positions unless overridden."""
+    from llmdoctor_train.toy.models import lm_config
+
+    return lm_config(**shape_kwargs(shape) | {"max_position_embeddings": 4096} | overrides)
 
 
 def build_pair(root: Path, shapes: str = "tiny", n_doctors: int = 2, seed: int = 0) -> dict:
     """A patient and ``n_doctors`` random-init doctors of the named shapes, saved as HF folders."""
     import torch
-    from transformers import Qwen2ForCausalLM
 
     from llmdoctor_vllm.checkpoint import save_doctor
-    from llmdoctor_train.toy.models import build_tokenizer
+    from llmdoctor_train.toy.models import build_tiny_lm, build_tokenizer, save_lm
     from llmdoctor_vllm.value_head import ValueHead
 
     root.mkdir(parents=True, exist_ok=True)
@@ -47,15 +51,12 @@ def build_pair(root: Path, shapes: str = "tiny", n_doctors: int = 2, seed: int =
     dtype = torch.float32 if shapes == "tiny" else torch.bfloat16
 
     def lm(shape, s):
-        cfg = qwen2_config(shape, vocab_size=max(shape[5], len(tok)), eos_token_id=tok.eos_token_id,
-                           bos_token_id=tok.bos_token_id)
-        torch.manual_seed(s)
-        return Qwen2ForCausalLM(cfg).to(dtype).eval()
+        kw = shape_kwargs(shape) | {"vocab_size": max(shape[5], len(tok)), "max_position_embeddings": 4096}
+        return build_tiny_lm(tok, **kw, seed=s, dtype=dtype, lm_head_std=None)
 
     pshape, dshape = SHAPES[shapes]
     patient = lm(pshape, seed)
-    patient.save_pretrained(root / "patient")
-    tok.save_pretrained(root / "patient")
+    save_lm(patient, tok, root / "patient")
     out = {"patient": str(root / "patient"), "doctors": {},
            "patient_params": sum(p.numel() for p in patient.parameters())}
     del patient
@@ -85,10 +86,25 @@ def save_figure(fig, path) -> None:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_kb(field: str) -> int:
+    """A memory figure of this process from ``/proc/self/status`` in KiB: ``VmRSS`` (now) or ``VmHWM`` (peak)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Restarts the peak resident size (``VmHWM``) from the current one; returns the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss_kb("VmRSS") * 1024
+
+
 def current_rss_mb() -> float:
+    """This process's resident memory now, MiB."""
     import psutil
 
     return psutil.Process().memory_info().rss / 2**20

@@ -184,10 +184,12 @@ def run_soak(rounds: int, n_requests: int, workdir: Path, kv_bytes: int = 160 * 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
+    from llmdoctor_train.toy.pipeline import engine_kwargs
+
     models = build_models(workdir)
     proc, url, stats_path = start_server(models, workdir, kv_bytes, max_num_seqs, chunked)
-    offline = LLM(model=models["patient"], dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=4,
-                  seed=0, kv_cache_memory_bytes=16 << 20,
+    offline = LLM(model=models["patient"], **engine_kwargs(max_model_len=128, max_num_seqs=4,
+                                                           kv_cache_memory_bytes=16 << 20),
                   additional_config={"llmdoctor": {"doctors": models["doctors"], "beta": 0.0}})
     result = {"rounds": [], "server_kv_cache_bytes": kv_bytes, "max_num_seqs": max_num_seqs,
               "max_num_batched_tokens": BUDGET_TOKENS if chunked else "vLLM's default"}

@@ -184,9 +184,10 @@ def time_vllm(patient: str, ds, pairs, work: Path, args) -> tuple[dict, list]:
 
     from llmdoctor_train.stage1.pipeline import RewardsConfig, compute_rewards
     from llmdoctor_train.stage1.scoring import score_with_vllm
+    from llmdoctor_train.toy.pipeline import engine_kwargs
 
-    llm = LLM(model=patient, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=args.kv_cache_mb << 20,
-              max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs, seed=0)
+    llm = LLM(model=patient, **engine_kwargs(kv_cache_memory_bytes=args.kv_cache_mb << 20,
+                                             max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs))
     times = {}
     times["vllm"], got = _timed(lambda: score_with_vllm(llm, pairs), args.repeats, args.warmup)
     print(f"vllm: {statistics.median(times['vllm']):.2f} s", flush=True)

@@ -78,10 +78,11 @@ def test_patient_loads_in_vllm(toy_patient, keep_alive):
     from transformers import AutoModelForCausalLM
     from vllm import LLM, SamplingParams
 
+    from llmdoctor_train.toy.pipeline import engine_kwargs
     from llmdoctor_train.toy.world import toy_prompts
 
     path, tok = toy_patient["patient"], toy_patient["tokenizer"]
-    llm = LLM(model=path, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=64 << 20, seed=0)
+    llm = LLM(model=path, **engine_kwargs(kv_cache_memory_bytes=64 << 20))
     keep_alive(llm)
     text = format_example("Tell me about the cat.", "The cat kindly helps the doctor.", POSITIVE_INSTRUCTION)
     ids = tok(text)["input_ids"]

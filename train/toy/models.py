@@ -1,8 +1,9 @@
-"""Tiny local models for tests, the demo and CPU benchmarks: nothing is downloaded.
+"""The project's one builder of local models for tests, the toy world and benchmarks: nothing is downloaded.
 
 A byte-level BPE tokenizer is trained on a few KB of generated sentences, and Qwen2-shaped
-causal LMs (hidden ~64-128) are random-initialised on it and saved with ``save_pretrained``,
-so every consumer goes through the real loading code.
+causal LMs (tiny by default, any shape on request: :func:`lm_config`, :func:`build_tiny_lm`) are
+random-initialised on it and saved with ``save_pretrained``, so every consumer goes through
+the real loading code.
 """
 
 from __future__ import annotations
@@ -57,41 +58,42 @@ def build_tokenizer(texts: list[str] | None = None, vocab_size: int = 320):
     )
 
 
-def build_tiny_lm(
-    tokenizer,
-    *,
-    hidden_size: int = 128,
-    num_layers: int = 2,
-    num_heads: int = 2,
-    num_kv_heads: int = 1,
-    vocab_pad_to: int = 1,
-    max_position_embeddings: int = 2048,
-    seed: int = 0,
-):
-    """A random-init Qwen2 causal LM over ``tokenizer`` (head_dim 64: vLLM's CPU kernels need it)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def lm_config(tokenizer=None, *, hidden_size: int = 128, num_layers: int = 2, num_heads: int = 2,
+              num_kv_heads: int = 1, intermediate_size: int | None = None, vocab_size: int | None = None,
+              vocab_pad_to: int = 1, max_position_embeddings: int = 2048, tie_word_embeddings: bool = False,
+              **overrides):
+    """The ``Qwen2Config`` of every random-init model of the project (tests, the toy patient, benchmarks).
 
-    vocab = len(tokenizer)
+    The vocabulary is ``vocab_size`` or the tokenizer's, rounded up to ``vocab_pad_to`` (real
+    checkpoints often pad their logits past the tokenizer); the special token ids are the
+    tokenizer's; ``intermediate_size`` defaults to twice the hidden size."""
+    from transformers import Qwen2Config
+
+    vocab = vocab_size if vocab_size is not None else len(tokenizer)
     vocab = -(-vocab // vocab_pad_to) * vocab_pad_to
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=hidden_size,
-        intermediate_size=hidden_size * 2,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads,
-        max_position_embeddings=max_position_embeddings,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    special = {} if tokenizer is None else dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                                pad_token_id=tokenizer.pad_token_id)
+    return Qwen2Config(vocab_size=vocab, hidden_size=hidden_size, intermediate_size=intermediate_size or 2 * hidden_size,
+                       num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+                       head_dim=hidden_size // num_heads, max_position_embeddings=max_position_embeddings,
+                       tie_word_embeddings=tie_word_embeddings, **special | overrides)
+
+
+def build_tiny_lm(tokenizer=None, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                  lm_head_std: float | None = 0.3, **config):
+    """A random-init Qwen2 causal LM of :func:`lm_config` ``(tokenizer, **config)``, in eval mode.
+
+    ``lm_head_std``: the output layer drawn with this standard deviation (larger logits than the
+    default init, so guidance visibly matters; None keeps transformers' init). Tiny shapes need
+    head_dim 64 for vLLM's CPU kernels (hidden 128 with 2 heads, 64 with 1)."""
+    from transformers import Qwen2ForCausalLM
+
     torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():  # larger logits than the default init, so guidance visibly matters
-        model.lm_head.weight.normal_(0.0, 0.3)
-    return model.eval()
+    model = Qwen2ForCausalLM(lm_config(tokenizer, **config))
+    if lm_head_std is not None:
+        with torch.no_grad():
+            model.lm_head.weight.normal_(0.0, lm_head_std)
+    return model.to(dtype).eval()
 
 
 def save_lm(model, tokenizer, path: str | Path) -> str:

@@ -1,5 +1,6 @@
-"""The toy world end to end, one function per step; the demo, ``examples/end_to_end.py`` and
-``benchmarks/quality.py`` all run these (with their own sizes), so the three cannot drift apart.
+"""The toy world end to end, one function per step; ``examples/end_to_end.py`` and the toy demo run
+these (with their own sizes), so they cannot drift apart. :data:`ENGINE` / :func:`engine_kwargs`
+are the project's one set of tiny-engine settings (tests and benchmarks override a few).
 
 1. :func:`build_patient_and_pairs`: the instruction-following patient and preference pairs from
    its own replies, ranked by the task reward, as Stage 1 scores them;
@@ -19,7 +20,6 @@ import numpy as np
 
 from llmdoctor_train.toy import world
 
-# The tiny-engine settings of the project (tests and benchmarks override a few through engine_kwargs).
 ENGINE = dict(dtype="float32", enforce_eager=True, max_model_len=512, kv_cache_memory_bytes=128 << 20, seed=0)
 EVAL_SEED = 12345  # held-out prompts (training pairs use seed 0)
 SAMPLE_SEED = 1000  # request i samples with seed SAMPLE_SEED + i in every setting
@@ -82,12 +82,13 @@ def train_command(rewards: str | Path, patient: str, output: str | Path, *, step
     """The ``llmdoctor train`` arguments of a LoRA (r = 8) doctor on the patient's weights
     (``extra``: more ``llmdoctor train`` arguments, appended, so they override).
 
-    Full-trajectory SubTB fitted best on this toy (all pairs fit slowly, as METHOD reports)."""
-    return ["train", "--rewards", str(rewards), "--model", patient, "--output", str(output), "--lora-r", "8",
-            "--max-steps", str(steps), "--batch-size", "8", "--warmup-steps", str(min(20, steps // 5)),
-            "--learning-rate", str(learning_rate), "--subtb-weighting", weighting, "--loss-type", loss_type,
-            "--logging-steps", "50", "--save-steps", "100000", "--report-to", "none", "--trained-for", trained_for,
-            "--seed", str(seed), *extra]
+    Full-trajectory SubTB fitted best on this toy (all pairs fit slowly, as the paper reports)."""
+    return ["train", "--rewards", str(rewards), "--model", patient, "--output", str(output), "--lora_r", "8",
+            "--max_steps", str(steps), "--per_device_train_batch_size", "8",
+            "--warmup_steps", str(min(20, steps // 5)), "--learning_rate", str(learning_rate),
+            "--subtb_weighting", weighting, "--loss_type", loss_type, "--logging_steps", "50",
+            "--save_steps", "100000", "--report_to", "none", "--trained_for", trained_for, "--seed", str(seed),
+            *extra]
 
 
 def run_llmdoctor(argv: list[str], *, threads: int | None = 1, echo: bool = False) -> None:
