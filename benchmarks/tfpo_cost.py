@@ -6,7 +6,7 @@ real trainer code, three ways, interleaved over ``--repeats`` rounds (medians re
 
 - ``fwd_bwd_ms``: ``TFPOTrainer._response_terms`` (the doctor's forward, per-token log-probs,
   the value head) and the backward of a stand-in scalar over its outputs: the model's cost;
-- ``loss_ms``: ``llmdoctor_train.stage2.trainer.tfpo_objective`` (what ``compute_loss`` calls: SubTB with the
+- ``loss_ms``: ``llmdoctor_train.stage2.loss.tfpo_objective`` (what ``compute_loss`` calls: SubTB with the
   chosen weighting, value discrimination, the trajectory metric) on detached copies of those
   outputs, and its backward: the loss's cost;
 - ``step_ms``: the trainer's real ``compute_loss`` + ``backward``, for the first weighting only
@@ -71,9 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def build_doctor(args, torch):
     """The doctor LM: ``--model`` loaded, else a random-init Qwen2 of the preset / overridden shape."""
-    from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    from benchmarks.common import qwen2_config
+    from benchmarks.common import shape_kwargs
+    from llmdoctor_train.toy.models import build_tiny_lm
 
     dtype = getattr(torch, args.dtype)
     if args.model:
@@ -82,9 +83,8 @@ def build_doctor(args, torch):
     for i, key in enumerate(("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "vocab_size")):
         if getattr(args, key) is not None:
             shape[i] = getattr(args, key)
-    cfg = qwen2_config(shape, max_position_embeddings=8192, bos_token_id=0, eos_token_id=0, pad_token_id=1)
-    torch.manual_seed(0)
-    return Qwen2ForCausalLM(cfg).to(dtype)
+    return build_tiny_lm(**shape_kwargs(shape), max_position_embeddings=8192, bos_token_id=0, eos_token_id=0,
+                         pad_token_id=1, lm_head_std=None, dtype=dtype).train()
 
 
 def make_examples(n_pairs: int, prompt_len: int, L: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -110,7 +110,7 @@ def make_examples(n_pairs: int, prompt_len: int, L: int, vocab: int, seed: int =
 
 def time_length(trainer, model, L, args, torch, sync) -> list[dict]:
     """Medians of fwd+bwd, loss (per weighting) and the full step for one response length."""
-    from llmdoctor_train.stage2.trainer import tfpo_objective
+    from llmdoctor_train.stage2.loss import tfpo_objective
 
     vocab = model.get_input_embeddings().weight.shape[0]
     batch = trainer._prepare_inputs(trainer.data_collator(make_examples(args.batch_size, args.prompt_len, L, vocab)))
@@ -252,11 +252,11 @@ def _run(args, argv, torch) -> dict:
                                        + (f"LoRA r={args.lora_r}" if args.lora_r else "full")},
               "settings": {"lengths": args.lengths, "batch_pairs": args.batch_size, "prompt_len": args.prompt_len,
                            "weightings": args.weightings, "repeats": args.repeats, "loss_repeats": args.loss_repeats,
-                           "device": device, "lam": 0.1, "gamma": 0.1},
+                           "device": device, "value_loss_weight": 0.1, "gamma": 0.1},
               "target_ratio": TARGET, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TFPOConfig(output_dir=tmp, report_to="none", use_cpu=device == "cpu", max_length=None,
-                         per_device_train_batch_size=args.batch_size, model_dtype=args.dtype)
+                         per_device_train_batch_size=args.batch_size)
         trainer = TFPOTrainer(model, args=cfg, processing_class=build_tokenizer(), peft_config=peft_config)
         model = trainer.model
         model.train()

@@ -28,10 +28,11 @@ def trained_doctors(tiny, engine, tmp_path_factory):
     assert summary["rows"] == len(PAIRS)
     torch.set_num_threads(1)  # tiny models: threads cost more than they give on 2 shared cores
     out = {}
-    for name, extra in (("lora", ["--lora-r", "4"]), ("full", ["--lora-r", "0", "--learning-rate", "1e-3"])):
+    for name, extra in (("lora", ["--lora_r", "4"]), ("full", ["--use_peft", "false", "--learning_rate", "1e-3"])):
         llmdoctor(["train", "--rewards", str(root / "rewards"), "--model", str(tiny["root"] / "lora_base"),
-                   "--output", str(root / name), "--max-steps", "6", "--batch-size", "4", "--warmup-steps", "0",
-                   "--logging-steps", "3", "--save-steps", "1000", "--report-to", "none", *extra])
+                   "--output", str(root / name), "--max_steps", "6", "--per_device_train_batch_size", "4",
+                   "--warmup_steps", "0", "--logging_steps", "3", "--save_steps", "1000", "--report_to", "none",
+                   *extra])
         out[name] = str(root / name)
     return out
 

@@ -1,6 +1,7 @@
 """``llmdoctor train``: Stage 2, TFPO (or GenARM) training of a doctor from Stage 1's rewards,
-parsed by TRL's ``TrlParser``: :class:`TrainScriptArguments` and every :class:`TFPOConfig`
-(``TrainingArguments``) field are flags, and ``--config FILE.yaml`` sets any of them."""
+parsed by TRL's ``TrlParser`` as ``trl dpo`` is: :class:`TrainScriptArguments`, every
+:class:`TFPOConfig` (``TrainingArguments``) field and :class:`DoctorModelConfig` (TRL's
+``ModelConfig``: the model and its LoRA) are flags, and ``--config FILE.yaml`` sets any of them."""
 
 from __future__ import annotations
 
@@ -20,20 +21,22 @@ chosen_rewards, rejected_rewards). The doctor must share the patient's tokenizer
 decoder the plugin can run: both are checked before the first step.
 OUTPUT becomes a doctor checkpoint for the vLLM plugin, with a model card (README.md); Trainer
 checkpoints (each also a loadable doctor) go to OUTPUT/checkpoints unless --output_dir says
-otherwise. Every transformers TrainingArguments flag works (--bf16, --gradient_checkpointing,
---lr_scheduler_type, --report_to ...), in --snake_case or --kebab-case, and --config FILE.yaml
-takes any of them as keys, as a TRL training script does; flags given after it win."""
+otherwise. The doctor is a LoRA adapter unless --use_peft false. Every transformers
+TrainingArguments flag works (--bf16, --gradient_checkpointing, --lr_scheduler_type,
+--report_to ...), and so do TRL's ModelConfig flags (--lora_r, --lora_alpha, --lora_dropout,
+--lora_target_modules, --dtype ...), in --snake_case or --kebab-case; --config FILE.yaml takes
+any of them as keys, as a TRL training script does; flags given after it win."""
 
 HELP = "train a doctor with TFPO (Stage 2) from a token-reward dataset"
 
 EPILOG = """\
 examples:
   llmdoctor train --rewards data/helpful_rewards --model Qwen/Qwen2.5-0.5B-Instruct \\
-      --output doctors/helpful --lora-r 8 --max-steps 2000
-  llmdoctor train ... --lora-r 0 --learning-rate 5e-5      # full fine-tuning
-  llmdoctor train ... --loss-type genarm                    # the GenARM baseline doctor
-  llmdoctor train ... --resume                              # continue from the last checkpoint
-  llmdoctor train --config tfpo.yaml --max-steps 10         # a TRL-style YAML, one flag overridden
+      --output doctors/helpful --lora_r 8 --max_steps 2000
+  llmdoctor train ... --use_peft false --learning_rate 5e-5   # full fine-tuning
+  llmdoctor train ... --loss_type genarm                      # the GenARM baseline doctor
+  llmdoctor train ... --resume_from_checkpoint                # continue from the last checkpoint
+  llmdoctor train --config tfpo.yaml --max_steps 10           # a TRL-style YAML, one flag overridden
 with tfpo.yaml:
   rewards: data/helpful_rewards
   model_name_or_path: Qwen/Qwen2.5-0.5B-Instruct
@@ -50,33 +53,15 @@ def _arg(default=dataclasses.MISSING, help_text: str = "", **metadata):
 
 @dataclass
 class TrainScriptArguments:
-    """What ``llmdoctor train`` reads and writes besides :class:`TFPOConfig`: data, models, LoRA."""
+    """What ``llmdoctor train`` reads and writes besides the model and the training config."""
 
     rewards: str = _arg(help_text="Stage 1 output: a datasets folder (a Dataset, or a DatasetDict with a 'train' "
                                   "split).", metavar="DATASET_DIR")
-    model_name_or_path: str = _arg(help_text="The doctor's starting causal LM (a local folder); it must use the "
-                                             "patient's tokenizer.", aliases=["--model"], metavar="DOCTOR_BASE")
     output: str = _arg(help_text="Where to write the trained doctor checkpoint.", metavar="OUTPUT")
-    dimension: str | None = _arg(None, "Train on the rewards of this preference dimension (columns "
-                                       "chosen_rewards_<d>, rejected_rewards_<d>) instead of the main one.")
     eval_split: str | None = _arg(None, "A split of a DatasetDict to evaluate on (default: 'validation' or 'test' "
                                         "if present; evaluation then runs every save_steps).")
-    reference: str | None = _arg(None, "Full fine-tuning: the delta rule's reference weights (default: --model).")
-    lora_r: int = _arg(8, "LoRA rank; 0 trains all weights.")
-    lora_alpha: int = _arg(16, "LoRA alpha.")
-    lora_dropout: float = _arg(0.05, "LoRA dropout.")
-    lora_target_modules: str = _arg("all-linear", "Comma-separated module names, or 'all-linear'.")
-
-    def peft_config(self):
-        """peft's ``LoraConfig`` for these options (None for full fine-tuning)."""
-        if self.lora_r <= 0:
-            return None
-        from peft import LoraConfig
-
-        targets = self.lora_target_modules
-        targets = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=targets, task_type="CAUSAL_LM")
+    reference: str | None = _arg(None, "Full fine-tuning: the delta rule's reference weights (default: the "
+                                       "starting model).")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -84,13 +69,14 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescrip
 
 
 def make_parser():
-    """TRL's parser over :class:`TrainScriptArguments` and :class:`TFPOConfig` (as ``trl dpo`` builds its own)."""
+    """TRL's parser over the script arguments, :class:`TFPOConfig` and :class:`DoctorModelConfig` (as ``trl dpo``
+    builds its own)."""
     from trl import TrlParser
 
-    from llmdoctor_train.stage2.config import TFPOConfig
+    from llmdoctor_train.stage2.config import DoctorModelConfig, TFPOConfig
 
-    return TrlParser((TrainScriptArguments, TFPOConfig), prog="llmdoctor train", description=DESCRIPTION,
-                     epilog=EPILOG, formatter_class=_HelpFormatter)
+    return TrlParser((TrainScriptArguments, TFPOConfig, DoctorModelConfig), prog="llmdoctor train",
+                     description=DESCRIPTION, epilog=EPILOG, formatter_class=_HelpFormatter)
 
 
 def _load_rewards(path: str, eval_split: str | None):
@@ -114,37 +100,20 @@ def _load_rewards(path: str, eval_split: str | None):
     return data["train"], ev
 
 
-def _select_rewards(ds, dimension: str | None):
-    """Keeps the five fields TFPO reads; with ``dimension``, its reward columns become the rewards."""
-    from llmdoctor_train.stage2.config import FIELDS
-
-    if ds is None:
-        return None
-    source = {f: f for f in FIELDS}
-    if dimension:
-        source.update(chosen_rewards=f"chosen_rewards_{dimension}", rejected_rewards=f"rejected_rewards_{dimension}")
-    missing = [c for c in source.values() if c not in ds.column_names]
-    if missing:
-        raise SystemExit(f"llmdoctor train: the rewards dataset lacks column(s) {missing} "
-                         f"(it has {ds.column_names}); was it written by `llmdoctor rewards`?")
-    ds = ds.select_columns(list(source.values()))
-    renames = {src: dst for dst, src in source.items() if src != dst}
-    return ds.rename_columns(renames) if renames else ds
-
-
-def parse_args(argv) -> tuple[TrainScriptArguments, "TFPOConfig"]:
-    """``argv`` (after ``train``) parsed into the script arguments and the training config, with the CLI's
-    defaults: checkpoints under OUTPUT/checkpoints, ``trained_for`` the dimension's name."""
+def parse_args(argv) -> tuple[TrainScriptArguments, "TFPOConfig", "DoctorModelConfig"]:
+    """``argv`` (after ``train``) parsed into the script arguments, the training config and the model
+    config, with the CLI's defaults: checkpoints under OUTPUT/checkpoints, ``trained_for`` the
+    dimension's name, ``model_init_kwargs`` from the model config."""
     try:
-        script, config = make_parser().parse_args_and_config(list(argv))
-    except ValueError as e:  # a config value TFPOConfig or TrainingArguments refuses, a bad YAML file
+        script, config, model_args = make_parser().parse_args_and_config(list(argv))
+    except ValueError as e:  # a value a config refuses, a bad YAML file
         raise SystemExit(f"llmdoctor train: {e}") from None
-    changes = {}
+    changes = {"model_init_kwargs": model_args.model_init_kwargs() | (config.model_init_kwargs or {})}
     if config.output_dir in (None, "trainer_output"):  # transformers' default name: not asked for
         changes["output_dir"] = os.path.join(script.output, "checkpoints")
-    if not config.trained_for and script.dimension:
-        changes["trained_for"] = script.dimension
-    return script, dataclasses.replace(config, **changes) if changes else config
+    if not config.trained_for and config.dimension:
+        changes["trained_for"] = config.dimension
+    return script, dataclasses.replace(config, **changes), model_args
 
 
 def _with_eval(config, has_eval: bool):
@@ -154,34 +123,40 @@ def _with_eval(config, has_eval: bool):
     return dataclasses.replace(config, eval_strategy="steps", eval_steps=config.save_steps)
 
 
-def _check_doctor(script: TrainScriptArguments):
+def _check_doctor(model_path: str, rewards: str):
     """The doctor's tokenizer, after refusing a doctor the plugin cannot run or whose tokenizer is not the
     patient's (before any weights are loaded)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from llmdoctor_train.stage2.checks import DoctorMismatchError, check_architecture, check_tokenizer
+    from llmdoctor_train.stage2.checks import DoctorMismatchError, check_architecture, check_rewards_tokenizer
 
     try:
-        check_architecture(AutoConfig.from_pretrained(script.model_name_or_path))
-        tokenizer = AutoTokenizer.from_pretrained(script.model_name_or_path)
-        check_tokenizer(tokenizer, script.rewards)
+        check_architecture(AutoConfig.from_pretrained(model_path))
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        check_rewards_tokenizer(tokenizer, rewards)
     except (DoctorMismatchError, OSError) as e:
-        raise SystemExit(f"llmdoctor train: --model {script.model_name_or_path}: {e}") from None
+        raise SystemExit(f"llmdoctor train: --model {model_path}: {e}") from None
     return tokenizer
 
 
 def run_train(argv) -> str:
     """Runs ``llmdoctor train ARGV...``; returns the output checkpoint path."""
+    from trl import get_peft_config
+
     from llmdoctor_train.stage2.trainer import ResumeCheckpointError, TFPOTrainer
 
-    script, config = parse_args(argv)
+    script, config, model_args = parse_args(argv)
     train_ds, eval_ds = _load_rewards(script.rewards, script.eval_split)
-    train_ds, eval_ds = _select_rewards(train_ds, script.dimension), _select_rewards(eval_ds, script.dimension)
-    tokenizer = _check_doctor(script)
+    for split in (train_ds, eval_ds):  # the columns, before any weights are loaded
+        try:
+            TFPOTrainer._prepare_dataset(split, config, "train" if split is train_ds else "eval")
+        except ValueError as e:
+            raise SystemExit(f"llmdoctor train: {e}") from None
+    tokenizer = _check_doctor(model_args.model_name_or_path, script.rewards)
     config = _with_eval(config, eval_ds is not None)
-    trainer = TFPOTrainer(script.model_name_or_path, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                          processing_class=tokenizer, peft_config=script.peft_config(),
-                          reference_model=script.reference)
+    trainer = TFPOTrainer(model_args.model_name_or_path, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
+                          processing_class=tokenizer, peft_config=get_peft_config(model_args),
+                          ref_model=script.reference)
     resume = config.resume_from_checkpoint
     try:
         trainer.train(resume_from_checkpoint=True if resume in ("last", "true", "True") else resume)

@@ -1,5 +1,5 @@
-"""Stage 2 settings and data: :class:`TFPOConfig` (``TrainingArguments`` plus TFPO's) and
-:class:`TFPOCollator`, which pads Stage 1's token-reward records into one batch of chosen and
+"""Stage 2 settings and data: :class:`TFPOConfig` (``TrainingArguments`` plus TFPO's),
+:class:`DoctorModelConfig` (TRL's ``ModelConfig`` with a doctor's defaults) and :class:`TFPOCollator`, which pads Stage 1's token-reward records into one batch of chosen and
 rejected rows."""
 
 from __future__ import annotations
@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 from transformers import TrainingArguments
+from trl import ModelConfig
 
 from llmdoctor_train.stage2.loss import WEIGHTINGS
 
-FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejected_rewards")
+REWARD_FIELDS = ("prompt_ids", "chosen_ids", "rejected_ids", "chosen_rewards", "rejected_rewards")
 LOSS_TYPES = ("tfpo", "genarm")
 
 
@@ -20,59 +21,61 @@ def _opt(default, help_text: str, **metadata):
     return field(default=default, metadata={"help": help_text, **metadata})
 
 
-def _dashed(*names: str) -> list[str]:
-    """Old flag spellings kept as aliases of a field: ``--batch-size`` and ``--batch_size``."""
-    return [f"--{n}" for n in names] + [f"--{n.replace('-', '_')}" for n in names if "-" in n]
-
-
 @dataclass
 class TFPOConfig(TrainingArguments):
-    """``TrainingArguments`` plus TFPO's settings; defaults follow METHOD.md ([R]: AdamW, batch 4, clip 1.0).
+    """``TrainingArguments`` plus TFPO's settings, as TRL's ``DPOConfig`` is ``TrainingArguments``
+    plus DPO's; the defaults follow the paper's recipe (AdamW, batch 4, gradient clipping 1.0).
 
     As TRL's configs do, it changes a few ``TrainingArguments`` defaults (one epoch, log every 10
     steps, keep 2 checkpoints, warm up over the first 10% of the steps, a learning rate that
-    depends on LoRA) and every field is a flag of ``llmdoctor train`` (``HfArgumentParser``).
+    depends on LoRA) and every field is a flag of ``llmdoctor train`` (``TrlParser``).
     """
 
-    lam: float = _opt(0.1, "Weight of the value-discrimination loss (L_SubTB + lam * L_value).")
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    # the objective (docs/method.md): L_SubTB + value_loss_weight * L_value
+    value_loss_weight: float = _opt(0.1, "Weight of the value-discrimination loss: L_SubTB + value_loss_weight "
+                                         "* L_value.")
     gamma: float = _opt(0.1, "Margin of the value-discrimination hinge.")
-    subtb_weighting: str = _opt("all", "Subtrajectories in L_SubTB: 'all' pairs (O(L)), 'lambda' (weight "
-                                       "lambda^(n-m)) or 'trajectory' (s_0 to s_L only; fits fastest on toys).",
+    subtb_weighting: str = _opt("all", "Subtrajectories in L_SubTB: 'all' pairs (O(L)), 'trajectory' (s_0 to "
+                                       "s_L only), or 'lambda' (experimental: pair weight subtb_lambda^(n-m)).",
                                 choices=list(WEIGHTINGS))
-    subtb_lambda: float = _opt(0.9, "lambda of the 'lambda' weighting, in (0, 1].")
-    flow_target: str = _opt("reference", "log Q: 'reference' (sum r + log pi_ref, [D]) or 'absolute' (sum r).")
-    reward_scale: float = _opt(1.0, "TFPO fits reward_scale x Stage 1's rewards (a KL coefficient of 1/scale) [D].")
-    reference_weight: float = _opt(1.0, "kappa in log Q = sum (r + kappa log pi_ref) with flow_target='reference': "
-                                        "the doctor's terminal distribution is pi_ref^kappa exp(sum r), 1 the "
-                                        "reference-relative target, 0 the paper's absolute one [D].")
-    max_length: int | None = _opt(1024, "Longest prompt+response in tokens; prompts are cut from the left "
-                                         "first, then responses from the right.")
-    value_head_inner_size: int | None = _opt(None, "Value head MLP width (default: the LM's hidden size).")
+    subtb_lambda: float = _opt(0.9, "Experimental: SubTB's lambda for subtb_weighting='lambda', in (0, 1].")
+    reward_scale: float = _opt(1.0, "TFPO fits reward_scale x Stage 1's rewards (a KL coefficient of 1/scale "
+                                    "towards the reference).")
+    reference_weight: float = _opt(1.0, "kappa in the flow target log Q = sum (r + kappa log pi_ref), in [0, 1]: "
+                                        "the doctor's terminal distribution is pi_ref^kappa exp(sum r); 1 is the "
+                                        "reference-relative target, 0 the paper's absolute one (sum r).")
     loss_type: str = _opt("tfpo", "'tfpo' (SubTB + value loss) or 'genarm' (GenARM's baseline loss).",
                           choices=list(LOSS_TYPES))
     genarm_beta: float = _opt(0.05, "beta_r of the GenARM loss.")
-    model_dtype: str = _opt("float32", "dtype to load a model given by path: float32 (default; AdamW keeps "
-                                       "fp32 weights), bfloat16, float16 or auto.",
-                            choices=["float32", "bfloat16", "float16", "auto"])
+    # data and model
+    dimension: str | None = _opt(None, "Train on the rewards of this preference dimension (Stage 1's columns "
+                                       "chosen_rewards_<d>, rejected_rewards_<d>) instead of the main one.")
+    max_length: int | None = _opt(1024, "Longest prompt+response in tokens; prompts are cut from the left "
+                                        "first, then responses from the right.")
+    value_head_inner_size: int | None = _opt(None, "Value head MLP width (default: the LM's hidden size).")
+    model_init_kwargs: dict[str, Any] | str | None = _opt(
+        None, "Keyword arguments of AutoModelForCausalLM.from_pretrained when the model is given by path "
+              "(llmdoctor train fills them from --dtype, --model_revision, --attn_implementation); dtype "
+              "defaults to float32, as AdamW keeps fp32 weights.")
     trained_for: str = _opt("", "What the doctor is for (e.g. 'helpfulness'), written to the manifest "
-                                "(llmdoctor train: default --dimension, else the loss type).")
+                                "(default: --dimension, else the loss type).")
     remove_unused_columns: bool = _opt(False, "Must stay False: the collator reads the reward columns.")
-    # TrainingArguments fields with TFPO's defaults (and the flag names llmdoctor train always had)
+    # TrainingArguments fields with TFPO's defaults
     output_dir: str | None = _opt(None, "Where Trainer checkpoints go (each also a loadable doctor); "
-                                        "llmdoctor train: default OUTPUT/checkpoints.",
-                                  aliases=_dashed("checkpoint-dir"))
+                                        "llmdoctor train: default OUTPUT/checkpoints.")
     learning_rate: float | None = _opt(None, "AdamW learning rate (default: 5e-4 with LoRA, 5e-5 otherwise).")
-    per_device_train_batch_size: int = _opt(4, "Preference pairs per device and step.", aliases=_dashed("batch-size"))
+    per_device_train_batch_size: int = _opt(4, "Preference pairs per device and step.")
     per_device_eval_batch_size: int = _opt(4, "Preference pairs per device in evaluation.")
-    gradient_accumulation_steps: int = _opt(1, "Steps to accumulate gradients over.", aliases=_dashed("grad-accum"))
-    num_train_epochs: float = _opt(1.0, "Training epochs (max_steps > 0 overrides).", aliases=_dashed("epochs"))
+    num_train_epochs: float = _opt(1.0, "Training epochs (max_steps > 0 overrides).")
     warmup_steps: float = _opt(0.1, "Linear warm-up: steps, or a fraction of the run when below 1 (default: "
                                     "10%% of the steps). A warm-up as long as the run is warned about.")
     logging_steps: float = _opt(10, "Log the loss and TFPO's metrics every N steps (or a fraction of the run).")
     save_total_limit: int | None = _opt(2, "Trainer checkpoints to keep.")
     resume_from_checkpoint: str | None = _opt(
         None, "Resume from this Trainer checkpoint; the flag alone (or 'last') takes the last one in output_dir.",
-        aliases=["--resume"], nargs="?", const="last")
+        nargs="?", const="last")
 
     def __post_init__(self):
         super().__post_init__()
@@ -80,19 +83,51 @@ class TFPOConfig(TrainingArguments):
             raise ValueError(f"TFPOConfig: loss_type must be one of {LOSS_TYPES}, got {self.loss_type!r}")
         if not 0.0 <= self.reference_weight <= 1.0:
             raise ValueError(f"TFPOConfig: reference_weight must be in [0, 1], got {self.reference_weight}")
-        if self.flow_target not in ("reference", "absolute"):
-            raise ValueError(f"TFPOConfig: flow_target must be 'reference' or 'absolute', got {self.flow_target!r}")
         if self.subtb_weighting not in WEIGHTINGS:
             raise ValueError(f"TFPOConfig: subtb_weighting must be one of {WEIGHTINGS}, got {self.subtb_weighting!r}")
-        if self.model_dtype not in ("float32", "bfloat16", "float16", "auto"):
-            raise ValueError(f"TFPOConfig: model_dtype must be float32, bfloat16, float16 or auto, "
-                             f"got {self.model_dtype!r}")
         if not 0.0 < self.subtb_lambda <= 1.0:
             raise ValueError(f"TFPOConfig: subtb_lambda must be in (0, 1], got {self.subtb_lambda}")
         if self.dataloader_pin_memory and not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin for (torch warns on every loader)
         if self.remove_unused_columns:
             raise ValueError("TFPOConfig: remove_unused_columns must stay False (the collator reads the rewards)")
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the objective reads ``log pi_ref`` (TFPO with ``reference_weight > 0``)."""
+        return self.loss_type == "tfpo" and self.reference_weight > 0
+
+
+@dataclass
+class DoctorModelConfig(ModelConfig):
+    """TRL's ``ModelConfig`` with a doctor's defaults: a LoRA adapter (rank 8, alpha 16) on every
+    linear layer; ``--use_peft false`` trains all weights. ``--model`` is short for
+    ``--model_name_or_path``."""
+
+    model_name_or_path: str | None = _opt(None, "The doctor's starting causal LM (a local folder or a Hub id); "
+                                                "it must use the patient's tokenizer.", aliases=["--model"],
+                                          metavar="DOCTOR_BASE")
+    use_peft: bool = _opt(True, "Train a LoRA adapter (false: train all weights).")
+    lora_r: int = _opt(8, "LoRA rank.")
+    lora_alpha: int = _opt(16, "LoRA alpha.")
+    lora_target_modules: list[str] | None = field(
+        default_factory=lambda: ["all-linear"], metadata={"help": "LoRA target modules, or all-linear."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model_name_or_path:
+            raise ValueError("the doctor's starting model is required: --model_name_or_path (or --model)")
+        if self.use_peft and self.lora_r <= 0:
+            raise ValueError(f"lora_r must be positive, got {self.lora_r} (--use_peft false trains all weights)")
+        unsupported = [name for name in ("use_dora", "load_in_8bit", "load_in_4bit") if getattr(self, name)]
+        if unsupported:
+            raise ValueError(f"{', '.join(unsupported)}: the plugin serves plain LoRA adapters on unquantised "
+                             "weights")
+
+    def model_init_kwargs(self) -> dict:
+        """``from_pretrained`` keyword arguments, as TRL's scripts pass them to their trainers."""
+        return {"revision": self.model_revision, "attn_implementation": self.attn_implementation,
+                "dtype": self.dtype}
 
 
 @dataclass
@@ -110,9 +145,9 @@ class TFPOCollator:
     bos_token_id: int | None = None
 
     def _pair(self, ex: dict[str, Any]) -> tuple[list[int], list[list[int]], list[list[float]]]:
-        missing = [f for f in FIELDS if f not in ex]
+        missing = [f for f in REWARD_FIELDS if f not in ex]
         if missing:
-            raise KeyError(f"TFPOCollator: example lacks field(s) {missing}; expected Stage 1's {FIELDS}")
+            raise KeyError(f"TFPOCollator: example lacks field(s) {missing}; expected Stage 1's {REWARD_FIELDS}")
         prompt = list(ex["prompt_ids"])
         resp = [list(ex["chosen_ids"]), list(ex["rejected_ids"])]
         rew = [list(ex["chosen_rewards"]), list(ex["rejected_rewards"])]

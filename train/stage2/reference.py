@@ -1,46 +1,25 @@
-"""The doctor's reference ``pi_ref`` for TFPO's reference-relative flow target (METHOD.md, Stage 2) [D].
+"""The doctor's reference ``pi_ref`` for TFPO's reference-relative flow target (docs/method.md, Stage 2).
 
-``log Q(s_t) = sum_{k<=t} [r_k + log pi_ref(y_k | s_{k-1})]``: SubTB then fits
-``log pi - log pi_ref`` to the rewards, so with zero rewards the doctor stays its reference.
-``pi_ref`` is the doctor's starting weights, evaluated without grad:
+``log Q(s_t) = sum_{k<=t} [r_k + kappa log pi_ref(y_k | s_{k-1})]``: SubTB then fits
+``log pi - kappa log pi_ref`` to the rewards, so with zero rewards (and ``kappa = 1``) the doctor
+stays its reference. ``pi_ref`` is the doctor's starting weights, evaluated without grad:
 
 - LoRA doctor: the same model with its adapter disabled (as TRL's DPO does), one more forward;
-- full fine-tuning: a frozen copy of the starting weights, loaded once from the reference path
-  (the one the checkpoint manifest names) or, without a path, copied before the first step.
+- full fine-tuning: a frozen copy of the starting weights (``TFPOTrainer.ref_model``), built once
+  in the trainer's ``__init__``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import logging
 from typing import Callable
 
 import torch
 
-logger = logging.getLogger(__name__)
-
-FLOW_TARGETS = ("reference", "absolute")
-
-
-class FrozenReference:
-    """A full doctor's starting weights, frozen, in eval mode, on the training model's device and dtype."""
-
-    def __init__(self, model: torch.nn.Module, path: str | None = None):
-        from transformers import AutoModelForCausalLM
-
-        param = next(model.parameters())
-        if path:
-            ref = AutoModelForCausalLM.from_pretrained(path, dtype=param.dtype)
-        else:
-            logger.warning("TFPO: the reference has no path; using a copy of the weights at the first step")
-            ref = copy.deepcopy(model)
-        self.model = ref.to(param.device).eval().requires_grad_(False)
-
 
 def start_at_reference(head: torch.nn.Module, scale: float = 0.01) -> torch.nn.Module:
     """Shrinks the value head's output layer (weights x ``scale``, bias 0), so ``log V ~ 0`` at the
-    start [D]: with the reference target the first residuals are then the rewards alone and zero
+    start: with the reference target the first residuals are then the rewards alone and zero
     rewards give a near-zero loss (a random head would make the doctor fit its noise). Not zero, so
     every layer of the head still gets a gradient. Returns ``head``."""
     last = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
@@ -50,25 +29,25 @@ def start_at_reference(head: torch.nn.Module, scale: float = 0.01) -> torch.nn.M
     return head
 
 
-def reference_context(model: torch.nn.Module, frozen: torch.nn.Module | None):
+def reference_context(model: torch.nn.Module, ref_model: torch.nn.Module | None):
     """``(module, context)``: what to run for ``pi_ref`` and the context to run it in.
 
     A LoRA model runs itself under ``disable_adapter()`` (one-shot: a fresh context per forward); a
-    full one runs ``frozen``, its starting weights (``FrozenReference.model``)."""
+    full one runs ``ref_model``, its frozen starting weights."""
     if hasattr(model, "peft_config"):
         return model, model.disable_adapter()
-    if frozen is None:
+    if ref_model is None:
         raise ValueError("TFPO: a fully fine-tuned doctor needs its starting weights as the reference")
-    return frozen, contextlib.nullcontext()
+    return ref_model, contextlib.nullcontext()
 
 
-def reference_logp(model: torch.nn.Module, frozen: FrozenReference | None, inputs: dict,
+def reference_logp(model: torch.nn.Module, ref_model: torch.nn.Module | None, inputs: dict,
                    token_logp: Callable[[torch.nn.Module, dict], torch.Tensor]) -> torch.Tensor:
     """``log pi_ref(y_k | s_{k-1})`` per response token, ``[N, L]``, without grad.
 
     ``token_logp(module, inputs)`` is the trainer's own per-token log-prob of a forward, so the
     reference is gathered exactly as the doctor's log-probs are."""
-    module, ctx = reference_context(model, None if frozen is None else frozen.model)
+    module, ctx = reference_context(model, ref_model)
     with torch.no_grad(), ctx:
         return token_logp(module, inputs).detach()
 

@@ -1,4 +1,5 @@
-"""TFPO training of the doctor (METHOD.md, Stage 2) as a ``transformers.Trainer``, TRL style.
+"""TFPO training of the doctor (Stage 2, docs/method.md) as a ``transformers.Trainer``, in the shape of
+TRL's ``DPOTrainer``.
 
 Inputs are Stage 1's token-reward records (``prompt_ids``, ``chosen_ids``, ``rejected_ids``,
 ``chosen_rewards``, ``rejected_rewards``: one reward per response token). The doctor is a
@@ -12,6 +13,7 @@ carries the value head for resuming.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -25,11 +27,10 @@ from trl.trainer.utils import selective_log_softmax
 from llmdoctor_vllm.checkpoint import VALUE_HEAD_NAME, DoctorCheckpointError, DoctorManifest, save_doctor
 from llmdoctor_vllm.value_head import ValueHead
 from llmdoctor_train.stage2.checks import check_architecture
-from llmdoctor_train.stage2.config import FIELDS, TFPOCollator, TFPOConfig
+from llmdoctor_train.stage2.config import REWARD_FIELDS, TFPOCollator, TFPOConfig
 from llmdoctor_train.stage2.model_card import write_model_card
-from llmdoctor_train.stage2.loss import (apply_boundary, genarm_loss, prefix_log_q, subtb_loss,
-                                        value_discrimination_loss)
-from llmdoctor_train.stage2.reference import FrozenReference, logratio_metrics, reference_logp, start_at_reference
+from llmdoctor_train.stage2.loss import genarm_loss, tfpo_objective
+from llmdoctor_train.stage2.reference import logratio_metrics, reference_logp, start_at_reference
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,17 @@ def _local_path(path: str | None) -> str | None:
     if path and os.path.isdir(path):
         return str(Path(path).resolve())
     return path or None
+
+
+def _load_lm(path: str, init_kwargs: dict | None):
+    """``AutoModelForCausalLM.from_pretrained(path, **init_kwargs)``, in float32 unless told (as TRL's
+    trainers load a model given by name from ``args.model_init_kwargs``)."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(init_kwargs or {})
+    dtype = kwargs.get("dtype", "float32")
+    kwargs["dtype"] = dtype if dtype in ("auto", None) or isinstance(dtype, torch.dtype) else getattr(torch, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 def _hidden_size(config) -> int:
@@ -105,84 +117,68 @@ def check_resume_checkpoint(path: str | os.PathLike, *, lora: bool, head: ValueH
         raise ResumeCheckpointError(path, f"missing, corrupt or mis-shaped {VALUE_HEAD_NAME}: {e}") from None
 
 
-def tfpo_objective(logp: torch.Tensor, log_v: torch.Tensor, inputs: dict, args: "TFPOConfig",
-                   ref_logp: torch.Tensor | None = None):
-    """TFPO's loss on a collated batch (B chosen rows, then their B rejected rows): SubTB with the
-    configured weighting + ``lam`` x value discrimination; returns ``(loss, metrics)``.
-
-    With ``ref_logp`` (``log pi_ref`` per token) the prefix score is the reference-relative one,
-    ``log Q(s_t) = sum_{k<=t} (r_k + kappa log pi_ref(y_k))`` [D] (``kappa``: ``reference_weight``);
-    without it, the paper's ``sum r_k``."""
-    mask, ids = inputs["response_mask"], inputs["response_ids"]
-    rewards = inputs["rewards"] * getattr(args, "reward_scale", 1.0)
-    B = mask.shape[0] // 2
-    kappa = getattr(args, "reference_weight", 1.0)
-    log_q = prefix_log_q(rewards if ref_logp is None else rewards + kappa * ref_logp, mask)
-    log_v = apply_boundary(log_v, mask)
-    subtb = subtb_loss(logp, log_q, log_v, mask, weighting=args.subtb_weighting, lam=args.subtb_lambda)
-    value = value_discrimination_loss(log_v[:B], log_v[B:], rewards[:B], rewards[B:], mask[:B], mask[B:],
-                                      ids[:B], ids[B:], gamma=args.gamma)
-    traj = subtb_loss(logp, log_q, log_v, mask, weighting="trajectory", return_per_sequence=True)
-    return subtb + args.lam * value, {"subtb": subtb, "value_loss": value,
-                                      "flow_residual": traj.detach().sqrt().mean()}
-
-
 class TFPOTrainer(Trainer):
-    """Trains a doctor LM + value head with TFPO (``L_SubTB + lam * L_value``) or GenARM's loss.
+    """Trains a doctor LM + value head with TFPO (``L_SubTB + value_loss_weight * L_value``) or GenARM's loss.
 
-    ``model`` is a causal LM or its path; with ``peft_config`` it is wrapped by
-    ``peft.get_peft_model``. ``reference_model`` names a full doctor's starting weights for
-    the delta rule and, with ``flow_target="reference"``, TFPO's frozen ``pi_ref`` (default:
-    ``model``'s own path; a LoRA doctor's ``pi_ref`` is its adapter disabled). The value head becomes
-    a submodule (``llmdoctor_value_head``) of the model object it trains. Logged metrics: ``subtb``,
-    ``value_loss``, ``flow_residual`` (mean ``|delta(0, n)|``), ``pairs_ranked_right`` (fraction with
-    ``sum log pi(y+) - sum log pi(y-) > 0``; of ``log pi - log pi_ref`` with the reference target),
-    ``logp_margin``, ``stage1_target`` (``sum r(y+) - sum r(y-)``) and, with the reference target,
-    ``logratio_margin`` (the margin of ``log pi - log pi_ref``, which TFPO fits to ``stage1_target``).
+    ``model`` is a causal LM or its path (loaded with ``args.model_init_kwargs``); with
+    ``peft_config`` it is wrapped by ``peft.get_peft_model``. ``ref_model`` is a full doctor's
+    starting weights, a path or a model: the delta rule's reference in the checkpoint and TFPO's
+    frozen ``pi_ref`` (default: ``model``'s own path, or a copy of ``model``; a LoRA doctor's
+    ``pi_ref`` is its adapter disabled). The value head becomes a submodule (``llmdoctor_value_head``) of the model
+    it trains. Logged metrics: ``subtb``, ``value_loss``, ``flow_residual`` (mean ``|res(0, n)|``),
+    ``pairs_ranked_right`` (fraction with ``sum log pi(y+) - sum log pi(y-) > 0``; of
+    ``log pi - log pi_ref`` with a reference), ``logp_margin``, ``stage1_target``
+    (``sum r(y+) - sum r(y-)``) and, with a reference, ``logratio_margin`` (the margin of
+    ``log pi - log pi_ref``, which TFPO fits to ``stage1_target``).
     """
 
     def __init__(self, model, args: TFPOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class: PreTrainedTokenizerBase | None = None, peft_config=None,
-                 value_head: ValueHead | None = None, reference_model: str | None = None, data_collator=None,
+                 value_head: ValueHead | None = None, ref_model=None, data_collator=None,
                  callbacks=None, optimizers=(None, None), **kwargs):
-        from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+        from transformers import AutoTokenizer, set_seed
 
         args = args or TFPOConfig(output_dir="tfpo_output")
         if not isinstance(args, TFPOConfig):
             raise TypeError("TFPOTrainer: args must be a TFPOConfig")
+        train_dataset = self._prepare_dataset(train_dataset, args, "train")
+        eval_dataset = self._prepare_dataset(eval_dataset, args, "eval")
         set_seed(args.seed)  # LoRA and value-head initialisation are reproducible
         if isinstance(model, (str, os.PathLike)):
             model_path = os.fspath(model)
-            dtype = args.model_dtype if args.model_dtype == "auto" else getattr(torch, args.model_dtype)
-            model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+            model = _load_lm(model_path, args.model_init_kwargs)
         else:
             model_path = getattr(model.config, "name_or_path", None) or None
         if processing_class is None:
             if not model_path:
                 raise ValueError("TFPOTrainer: pass processing_class (the tokenizer shared with the patient)")
             processing_class = AutoTokenizer.from_pretrained(model_path)
+        self.is_lora = peft_config is not None or hasattr(model, "peft_config")
+        self.base_model_path = _local_path(model_path)
+        given = ref_model if isinstance(ref_model, torch.nn.Module) else None
+        ref_path = getattr(given.config, "name_or_path", None) if given is not None else ref_model
+        self.reference_path = None if self.is_lora else _local_path(ref_path or model_path)
+        frozen = None
+        if args.uses_reference and not self.is_lora:  # a full doctor's pi_ref: its frozen starting weights
+            if given is None:
+                given = (_load_lm(self.reference_path, {"dtype": next(model.parameters()).dtype})
+                         if self.reference_path else copy.deepcopy(model))
+            frozen = given.eval().requires_grad_(False)
         if peft_config is not None:
             from peft import get_peft_model
 
             model = get_peft_model(model, peft_config)
-        self.is_lora = hasattr(model, "peft_config")
         if self.is_lora and not model_path:
-            model_path = getattr(model.get_base_model().config, "name_or_path", None) or None
-        self.base_model_path = _local_path(model_path)
-        self.reference_path = None if self.is_lora else _local_path(reference_model or model_path)
+            self.base_model_path = _local_path(getattr(model.get_base_model().config, "name_or_path", None) or None)
         config = model.get_base_model().config if self.is_lora else model.config
         check_architecture(config)  # a doctor the plugin cannot serve fails here, not after training
         if args.learning_rate is None:
             args.learning_rate = 5e-4 if self.is_lora else 5e-5
         self.value_head = value_head or ValueHead(_hidden_size(config), args.value_head_inner_size)
-        if value_head is None and args.flow_target == "reference":
+        if value_head is None and args.uses_reference:
             start_at_reference(self.value_head)
         self.value_head.requires_grad_(args.loss_type == "tfpo")  # GenARM does not use the head
         model.add_module(HEAD_MODULE, self.value_head)  # so optimizer, clipping and DDP include it
-        for split in (train_dataset, eval_dataset):
-            cols = getattr(split, "column_names", None)
-            if isinstance(cols, list) and not set(FIELDS) <= set(cols):
-                raise ValueError(f"TFPOTrainer: dataset lacks Stage 1 field(s) {sorted(set(FIELDS) - set(cols))}")
         if data_collator is None:
             pad = processing_class.pad_token_id
             pad = processing_class.eos_token_id if pad is None else pad
@@ -195,9 +191,30 @@ class TFPOTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean
         self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self.ref_model = None if frozen is None else self.accelerator.prepare_model(frozen, evaluation_mode=True)
         if not self.is_lora and not self.reference_path:
             logger.warning("TFPOTrainer: the starting weights have no path; the checkpoint will name no reference "
-                           "for the delta rule (pass reference_model=...)")
+                           "for the delta rule (pass ref_model=...)")
+
+    @staticmethod
+    def _prepare_dataset(dataset, args: TFPOConfig, name: str):
+        """Stage 1's reward dataset reduced to the five fields TFPO reads: with ``args.dimension``,
+        that dimension's reward columns become ``chosen_rewards`` / ``rejected_rewards``.
+        ``None`` stays ``None``; a dataset without column names (an iterable) is used as it is."""
+        columns = getattr(dataset, "column_names", None)
+        if dataset is None or not isinstance(columns, list):
+            return dataset
+        source = {f: f for f in REWARD_FIELDS}
+        if args.dimension:
+            source.update(chosen_rewards=f"chosen_rewards_{args.dimension}",
+                          rejected_rewards=f"rejected_rewards_{args.dimension}")
+        missing = [c for c in source.values() if c not in columns]
+        if missing:
+            raise ValueError(f"the {name} rewards dataset lacks column(s) {missing} (it has {columns}); was it "
+                             "written by `llmdoctor rewards`?")
+        dataset = dataset.select_columns(list(source.values()))
+        renames = {src: dst for dst, src in source.items() if src != dst}
+        return dataset.rename_columns(renames) if renames else dataset
 
     # ---- the loss ----
 
@@ -244,11 +261,8 @@ class TFPOTrainer(Trainer):
         metrics = {"pairs_ranked_right": (margin > 0).float().mean(), "logp_margin": margin.mean()}
         if tfpo:
             ref_logp = None
-            if args.flow_target == "reference":  # [D] pi_ref: adapter off (LoRA) or a frozen copy (full)
-                unwrapped = self.accelerator.unwrap_model(model)
-                if not self.is_lora and getattr(self, "_frozen_reference", None) is None:
-                    self._frozen_reference = FrozenReference(unwrapped, self.reference_path)
-                ref_logp = reference_logp(unwrapped, getattr(self, "_frozen_reference", None), inputs,
+            if args.uses_reference:  # pi_ref: the adapter off (LoRA) or the frozen starting weights (full)
+                ref_logp = reference_logp(self.accelerator.unwrap_model(model), self.ref_model, inputs,
                                           lambda m, x: self._response_terms(m, x, need_values=False)[0])
             loss, tfpo_metrics = tfpo_objective(logp, log_v, inputs, args, ref_logp)
             target = inputs["rewards"] * args.reward_scale  # what TFPO fits the log-ratio margin to
@@ -307,9 +321,8 @@ class TFPOTrainer(Trainer):
         args: TFPOConfig = self.args
         extra = {"loss_type": args.loss_type, "global_step": self.state.global_step}
         if args.loss_type == "tfpo":
-            extra.update(subtb_weighting=args.subtb_weighting, lam=args.lam, gamma=args.gamma,
-                         flow_target=args.flow_target, reward_scale=args.reward_scale,
-                         reference_weight=args.reference_weight)
+            extra.update(subtb_weighting=args.subtb_weighting, value_loss_weight=args.value_loss_weight,
+                         gamma=args.gamma, reward_scale=args.reward_scale, reference_weight=args.reference_weight)
         with _head_detached(model):
             save_doctor(output_dir, model, self.processing_class, self.value_head,
                         trained_for=args.trained_for or args.loss_type,
