@@ -60,6 +60,11 @@ def test_front_end_checks_against_the_engine(configs, runner):
     try:
         with pytest.raises(VLLMValidationError, match="speculatively"):
             guided.admit(SamplingParams(extra_args={"llmdoctor_beta": 0.5}))
+        # V1 builds no custom processor under speculative decoding: a request the engine's default
+        # beta would guide is refused too, not served unguided; one that opts out is served
+        with pytest.raises(VLLMValidationError, match="speculatively.*default llmdoctor beta"):
+            guided.admit(SamplingParams())
+        guided.admit(SamplingParams(extra_args={"llmdoctor_beta": 0}))
     finally:
         configs["guided"].speculative_config = None
     _front_end(configs["plain"], check).admit(SamplingParams())  # no llmdoctor arguments: nothing to check

@@ -279,3 +279,86 @@ def test_only_the_last_pipeline_stage_loads_doctors(tiny, monkeypatch):
     assert _v1_processor(tiny).core is None
     monkeypatch.setattr(vllm.distributed, "get_pp_group", lambda: SimpleNamespace(is_last_rank=True))
     assert _v1_processor(tiny).core is not None
+
+
+def test_settings_have_one_source_and_one_default_each(tiny):
+    """The engine's and the request's keys come from the settings dataclasses, each with one default:
+    a bare section, the dataclass and the LLMdoctor API agree; a request that sets no weight gets the
+    engine's, under either rule."""
+    import inspect
+    from dataclasses import fields
+
+    from llmdoctor_vllm.api import LLMdoctor
+    from llmdoctor_vllm.config import EngineGuidance, GuidanceDefaults, GuidanceConfigError
+
+    direct = EngineGuidance(doctors={"d": "/x"})
+    parsed = EngineGuidance.from_additional_config({"llmdoctor": {"doctors": {"d": "/x"}}})
+    assert direct == parsed and direct.beta == {"d": GuidanceDefaults.beta}
+    delta = direct.request({"llmdoctor_rule": "delta"})
+    assert delta.delta and delta.betas.tolist() == [GuidanceDefaults.beta]
+    api = inspect.signature(LLMdoctor).parameters
+    assert all(api[f.name].default is None for f in fields(GuidanceDefaults))  # None: the engine's default
+    assert direct.request_keys == {"llmdoctor_" + k for k in ("alpha", "beta", "rule", "patient_min_p", "doctors",
+                                                              "beta_d")}
+    with pytest.raises(GuidanceConfigError, match="unknown setting.*'betta'.*'prefill_chunk_tokens'"):
+        EngineGuidance.from_additional_config({"llmdoctor": {"doctors": "/x", "betta": 1}})
+    with pytest.raises(GuidanceConfigError, match="block_size"):
+        EngineGuidance(doctors={"d": "/x"}, block_size=0)
+
+
+def test_additional_config_is_parsed_once_per_engine(tiny, monkeypatch):
+    """The front end checks every request against the engine's section, parsed once, not per request."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from llmdoctor_vllm.config import EngineGuidance
+    from llmdoctor_vllm.frontend import check_request
+
+    cfg = EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=128, enforce_eager=True,
+                     additional_config={"llmdoctor": {"doctors": tiny["doctors"]}}).create_engine_config()
+    calls = []
+    real = EngineGuidance.from_additional_config.__func__
+    monkeypatch.setattr(EngineGuidance, "from_additional_config",
+                        classmethod(lambda cls, raw: calls.append(1) or real(cls, raw)))
+    for beta in (0.1, 0.2, 0.3):
+        check_request({"llmdoctor_beta": beta}, cfg)
+    assert len(calls) == 1
+
+
+def test_front_end_process_imports_no_doctor_code():
+    """vLLM imports the processor in its API-server process too: the runner, the doctor's model
+    code and the checkpoint loader stay out of it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, llmdoctor_vllm, llmdoctor_vllm.processor as p; p.GuidanceLogitsProcessor; "
+            "print(sorted(m for m in sys.modules if m.startswith('llmdoctor_vllm')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    loaded = out.stdout.strip().splitlines()[-1]
+    for heavy in ("runner", "core", "layers", "packing", "decode_graphs", "checkpoint"):
+        assert f"llmdoctor_vllm.{heavy}'" not in loaded, loaded
+
+
+def test_doctor_cache_is_sized_from_the_patients_kv_capacity(tiny):
+    """The doctor never holds more tokens than the patient: its pool follows the patient's KV size
+    where vLLM knows it when it builds logits processors (num_gpu_blocks_override,
+    kv_cache_memory_bytes); a LoRA doctor's runner holds on and off streams, twice that."""
+    import torch
+    from vllm.engine.arg_utils import EngineArgs
+
+    from llmdoctor_vllm.core import patient_kv_tokens
+    from llmdoctor_vllm.processor import GuidanceLogitsProcessor
+
+    def config(**kw):
+        return EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=128, max_num_seqs=4,
+                          enforce_eager=True, additional_config={"llmdoctor": {"doctors": tiny["doctors"]}},
+                          **kw).create_engine_config()
+
+    cfg = config(num_gpu_blocks_override=5)
+    assert patient_kv_tokens(cfg) == (5 * cfg.cache_config.block_size, "num_gpu_blocks_override")
+    proc = GuidanceLogitsProcessor(cfg, torch.device("cpu"), False)
+    tokens = 5 * cfg.cache_config.block_size
+    budgets = {d.name: d.runner.budget_tokens for d in proc.core.doctors}
+    assert budgets == {"doctor0": tokens, "doctor1": tokens, "lora": 2 * tokens}
+    assert all(d.ref_runner is None or d.ref_runner.budget_tokens == tokens for d in proc.core.doctors)
+    # 2 layers x 1 KV head x 64 dims x (key, value) x 4 bytes = 1 KiB per token
+    assert patient_kv_tokens(config(kv_cache_memory_bytes=100 << 10))[0] == 100
