@@ -56,8 +56,10 @@ def llm(patient, keep_alive):
     """The module's one in-process engine (kept alive to the session's end, see conftest)."""
     from vllm import LLM
 
-    engine = LLM(model=patient, dtype="float32", enforce_eager=True, kv_cache_memory_bytes=16 << 20,
-                 max_model_len=MAX_LEN, max_num_seqs=16, seed=0)
+    from llmdoctor_train.toy.pipeline import engine_kwargs
+
+    engine = LLM(model=patient, **engine_kwargs(kv_cache_memory_bytes=16 << 20, max_model_len=MAX_LEN,
+                                                max_num_seqs=16))
     keep_alive(engine)
     return engine
 
@@ -139,7 +141,7 @@ def test_plain_prompt_format_and_exact_concatenation(tok):
     f = PromptFormatter(tok)
     assert f.mode == "plain"
     assert f.render("hi", "INS") == "INS\n\nUser: hi\nAssistant:"
-    assert f.render("hi") == "User: hi\nAssistant:"  # [D] prompt_ids: the bare prompt, as the doctor sees it
+    assert f.render("hi") == "User: hi\nAssistant:"  # prompt_ids: the bare prompt, as the doctor sees it
     assert f.render([{"role": "system", "content": "S"}, {"role": "user", "content": "a"},
                      {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}], "INS") == \
         "INS\n\nS\n\nUser: a\nAssistant: b\nUser: c\nAssistant:"
