@@ -13,7 +13,7 @@ with guided decoding recomputed in transformers (full forwards, no cache, no vLL
 
 On a GPU the engine runs Model Runner V2 (vLLM's default there); set ``VLLM_USE_V2_MODEL_RUNNER=0``
 to check the V1 runner. Without ``--patient``/``--doctor`` it builds tiny local models (nothing is
-downloaded). On this project's CPU machines vLLM has no MRV2 and no async scheduling: the script
+downloaded). On a CPU, vLLM has no MRV2 and no async scheduling: the script
 runs the checks that can run and marks the others skipped. Writes ``gpu_check.json``.
 
     python -m benchmarks.gpu_check                                    # tiny models, every check

@@ -69,7 +69,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def build_doctor(args, torch):
+def doctor_lm(args, torch):
     """The doctor LM: ``--model`` loaded, else a random-init Qwen2 of the preset / overridden shape."""
     from transformers import AutoModelForCausalLM
 
@@ -232,7 +232,7 @@ def _run(args, argv, torch) -> dict:
 
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    model = build_doctor(args, torch)
+    model = doctor_lm(args, torch)
     n_params = sum(p.numel() for p in model.parameters())
     peft_config = None
     if args.lora_r > 0:
