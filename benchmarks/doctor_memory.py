@@ -35,25 +35,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
-
-
 def measure(args) -> dict:
     """One step's peak memory above what the set-up holds (MiB), in this process."""
     import numpy as np
     import torch
-    from transformers import Qwen2ForCausalLM
 
-    from benchmarks.common import SHAPES, qwen2_config
+    from benchmarks.common import SHAPES, reset_peak_rss, rss_kb, shape_kwargs
+    from llmdoctor_train.toy.models import build_tiny_lm
     from llmdoctor_vllm.runner import DoctorRunner
 
-    torch.manual_seed(0)
     shape = SHAPES[args.shapes][1]
     max_len = max(args.prompt_tokens, args.cached) + 16
-    model = Qwen2ForCausalLM(qwen2_config(shape, max_position_embeddings=max_len)).to(args.device,
-                                                                                    getattr(torch, args.dtype)).eval()
+    model = build_tiny_lm(**shape_kwargs(shape), max_position_embeddings=max_len, lm_head_std=None,
+                          dtype=getattr(torch, args.dtype)).to(args.device)
     streams = args.streams if args.mode == "mixed" else 0
     runner = DoctorRunner(model, device=args.device, dtype=getattr(torch, args.dtype),
                           cache_tokens=args.prompt_tokens + 32 + streams * (args.cached + 32), max_streams=streams + 1,
@@ -78,11 +72,9 @@ def measure(args) -> dict:
         import gc
 
         gc.collect()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak resident size to the current one
-        base = _rss_kb("VmRSS")
+        base = reset_peak_rss()
         runner.step(sids, feed)
-        peak = (_rss_kb("VmHWM") - base) * 1024
+        peak = rss_kb("VmHWM") * 1024 - base
     return {"mode": args.mode, "peak_mib": peak / 2**20, "kv_pool_mib": runner.kv_bytes / 2**20,
             "new_tokens": int(sum(map(len, feed)))}
 
