@@ -174,6 +174,7 @@ class GuidanceCore:
         self._logged_nan: set = set()  # generations already logged as unguidable
         self.parked: dict = {}  # key -> [_Parked]: requests left out of a step
         self.steps = 0
+        self._batch_key, self._batch = None, None  # see _batch_tensors
         self.stats_path = os.environ.get("LLMDOCTOR_STATS_FILE")  # test hook, not an operator setting
 
     def _budget(self, patient_tokens: int | None, source: str, per_request: int, max_len: int):
@@ -414,27 +415,38 @@ class GuidanceCore:
     def _combine(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, terms: torch.Tensor):
         """The guided rows (a NaN or blocked row: the patient's own), their row indices, and which
         rows are blocked."""
-        st, dev = self.state, logits.device
-        rows_t, slots_t = to_device(np.stack([rows, slots]), dev)
-        weights = st.device_weights()[slots_t]
-        blocked = st.blocked[slots_t] | torch.isnan(terms).any(dim=1)
-        st.blocked[slots_t] = blocked  # a row that could not be guided stays unguided
-        patient = logits[rows_t]
-        log_min_p = weights[:, 1] if st.patient_min_p[slots].any() else None
-        guided = combine(patient, weights[:, 0], terms, self.valid_vocab, log_min_p).to(logits.dtype)
+        st = self.state
+        rows_t, slots_t, alpha, log_min_p = self._batch_tensors(rows, slots, logits.device)
+        blocked = st.blocked.index_select(0, slots_t) | torch.isnan(terms).any(dim=1)
+        st.blocked.index_copy_(0, slots_t, blocked)  # a row that could not be guided stays unguided
+        patient = logits.index_select(0, rows_t)
+        guided = combine(patient, alpha, terms, self.valid_vocab, log_min_p).to(logits.dtype)
         return torch.where(blocked[:, None], patient, guided), rows_t, blocked
 
+    def _batch_tensors(self, rows: np.ndarray, slots: np.ndarray, dev: torch.device) -> tuple:
+        """``rows`` and ``slots`` on the device, and the slots' alpha and log(patient_min_p) (``None``
+        when no slot restricts the support): built when the batch changes, reused while it does not."""
+        key = (rows.tobytes(), slots.tobytes(), self.state.version)
+        if self._batch_key != key:
+            st = self.state
+            rows_t, slots_t = to_device(np.stack([rows, slots]).astype(np.int64), dev)
+            weights = st.device_weights().index_select(0, slots_t)
+            log_min_p = weights[:, 1].contiguous() if st.patient_min_p[slots].any() else None
+            self._batch = rows_t, slots_t, weights[:, 0].contiguous(), log_min_p
+            self._batch_key = key
+        return self._batch
+
     def _watch_nan(self, bad: torch.Tensor, slots: np.ndarray) -> None:
-        """Queues this step's blocked-row flags for the log, without waiting for them."""
-        gens = self.state.generation[slots].copy()
-        if bad.device.type != "cuda":
-            self._pending_nan.append((bad.numpy().copy(), slots, gens, None))
-            return
-        flags = torch.empty(bad.shape, dtype=torch.bool, pin_memory=True)
+        """Queues this step's blocked-row flags for the log, without waiting for them: a copy to
+        (pinned) host memory read at a later step, once it has arrived."""
+        cuda = bad.device.type == "cuda"
+        flags = torch.empty(bad.shape, dtype=torch.bool, pin_memory=cuda)
         flags.copy_(bad, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        self._pending_nan.append((flags, slots, gens, event))
+        event = None
+        if cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._pending_nan.append((flags, slots, self.state.generation[slots].copy(), event))
 
     def _log_nan_rows(self) -> None:
         """Logs the requests whose doctor could not guide them, once their flags reached the host.
@@ -444,7 +456,7 @@ class GuidanceCore:
             if event is not None and not event.query():
                 break
             self._pending_nan.pop(0)
-            flags = flags if isinstance(flags, np.ndarray) else flags.numpy()
+            flags = flags.numpy()  # host memory, already written
             for slot, gen in zip(slots[flags].tolist(), gens[flags].tolist()):
                 if gen not in self._logged_nan:
                     self._logged_nan.add(gen)
@@ -543,6 +555,10 @@ class GuidanceCore:
         counts = np.asarray(counts, dtype=np.int64)
         bs = runner.block_size
         totals = runner.lengths[sids] + counts
+        # the common case, decided without per-stream block counts: room for every stream's worst case
+        if runner.num_free_blocks * bs >= counts.sum() + len(sids) * bs and \
+                totals.max(initial=0) <= runner.max_blocks_per_stream * bs:
+            return
         need = np.maximum(-(-totals // bs) - runner.num_stream_blocks[sids], 0)
         too_long = totals > runner.max_blocks_per_stream * bs
         free = runner.num_free_blocks
@@ -595,21 +611,28 @@ class GuidanceCore:
     def _open_streams(self, slots: np.ndarray, d: int, doc: _Doctor) -> None:
         """Gives each of ``slots`` its stream(s) on doctor ``d`` (making room when out of ids)."""
         st = self.state
-        for runner, table, want in ((doc.runner, st.streams, np.ones(len(slots), bool)),
-                                    (doc.reference, st.ref_streams, st.delta[slots])):
-            if runner is None:
-                continue
-            lack = slots[(table[slots, d] < 0) & want]
-            if len(lack) > len(runner.free_streams):
-                short = len(lack) - len(runner.free_streams)
-                if not self._make_room(runner, short, slots, ids=True) or len(lack) > len(runner.free_streams):
-                    raise _NeedRoom(runner, 0, lack[len(runner.free_streams):], "out of doctor stream ids")
-            for s in lack.tolist():
-                table[s, d] = runner.new_stream()
+        lack = slots[st.streams[slots, d] < 0]
+        if len(lack):
+            self._new_streams(doc.runner, st.streams, lack, d, slots)
+        if doc.has_reference:
+            lack = slots[(st.ref_streams[slots, d] < 0) & st.delta[slots]]
+            if len(lack):
+                self._new_streams(doc.reference, st.ref_streams, lack, d, slots)
+
+    def _new_streams(self, runner: DoctorRunner, table: np.ndarray, lack: np.ndarray, d: int,
+                     present: np.ndarray) -> None:
+        if len(lack) > len(runner.free_streams):
+            short = len(lack) - len(runner.free_streams)
+            if not self._make_room(runner, short, present, ids=True) or len(lack) > len(runner.free_streams):
+                raise _NeedRoom(runner, 0, lack[len(runner.free_streams):], "out of doctor stream ids")
+        for s in lack.tolist():
+            table[s, d] = runner.new_stream()
 
 
 def _cat_tokens(a: tuple, b: tuple) -> tuple:
-    """Two ``(counts, ids)`` token batches as one."""
-    ids = (torch.cat([torch.as_tensor(a[1]), torch.as_tensor(b[1]).to(torch.as_tensor(a[1]).device)])
-           if isinstance(a[1], torch.Tensor) or isinstance(b[1], torch.Tensor) else np.concatenate([a[1], b[1]]))
+    """Two ``(counts, ids)`` token batches (from one token source: host arrays, or tensors on one device) as one."""
+    if isinstance(a[1], torch.Tensor) or isinstance(b[1], torch.Tensor):
+        ids = torch.cat([torch.as_tensor(a[1]), torch.as_tensor(b[1])])
+    else:
+        ids = np.concatenate([a[1], b[1]])
     return np.concatenate([a[0], b[0]]), ids

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from llmdoctor_vllm.device import to_device, to_device_many
-from llmdoctor_vllm.layers import Decoder, layer_mlp, layer_qkv, rms_norm, rope_tables, unwrap_decoder
+from llmdoctor_vllm.layers import Decoder, forward_layers, rms_norm, rope_tables, unwrap_decoder
 from llmdoctor_vllm.packing import plan_step
 
 
@@ -79,8 +79,8 @@ class DoctorRunner:
                  block_size: int = 16, prefill_chunk_tokens: int = 2048, q_tile: int = 256,
                  score_budget: int = 1 << 25):
         self.model = model
-        self.dec: Decoder = unwrap_decoder(model)
         self.device = torch.device(device)
+        self.dec: Decoder = unwrap_decoder(model, cpu_kernels=self.device.type == "cpu")
         self.dtype = dtype
         self.block_size = block_size
         self.num_blocks = max(1, cache_tokens // block_size)
@@ -233,24 +233,21 @@ class DoctorRunner:
         # every index tensor of the step, laid out here and uploaded in one transfer
         arrays = [sids, plan.pos, plan.write, sids[plan.stream],
                   np.asarray(ids, dtype=np.int64)[plan.src] if host_ids else plan.src]
-        if lora_off is not None:
-            arrays += [np.flatnonzero(~lora_off)]
+        if lora_off is not None:  # 1 where the adapter applies, per stream and per packed token
+            arrays += [~lora_off, ~lora_off[plan.stream]]
         for p in plan.passes:
             arrays += [p.last_token, sids[p.last_stream]]
-            if lora_off is not None:
-                arrays.append(np.flatnonzero(~lora_off[plan.stream[p.start:p.end]]))
             for g in p.groups:
                 arrays += [g.q_index.ravel(), g.q_pos, g.read.ravel(), np.flatnonzero(g.q_valid),
                            g.q_index[g.q_valid]]
         up = iter(to_device_many(arrays, dev))
         sids_t, pos_t, write_t, tok_stream_t, src_t = (next(up) for _ in range(5))
-        on_rows = next(up) if lora_off is not None else None
+        on_rows, tok_on = (next(up).to(self.dtype)[:, None] for _ in range(2)) if lora_off is not None else (None, None)
         if len(plan.src):
-            tok_ids = src_t if host_ids else ids.to(dev).index_select(0, src_t).long()
+            tok_ids = src_t if host_ids else (ids if ids.device == dev else ids.to(dev)).index_select(0, src_t).long()
             tok_ids = self.screen_ids(tok_ids, tok_stream_t)
         for p in plan.passes:
             last_t, last_sid_t = next(up), next(up)
-            tok_on = next(up) if lora_off is not None else None
             groups = []
             for g in p.groups:
                 q_index, q_pos, read, valid, scatter_to = (next(up) for _ in range(5))
@@ -259,30 +256,30 @@ class DoctorRunner:
                 mask = (self.arange[:L] <= q_pos[:, :, None])[:, None]
                 groups.append(_Group((G, Q, L), q_index, read, mask, valid, scatter_to, g.identity))
             s = slice(p.start, p.end)
-            h = self._forward_pass(groups, tok_ids[s], pos_t[s], write_t[s], tok_on)
+            h = self._forward_pass(groups, tok_ids[s], pos_t[s], write_t[s], None if tok_on is None else tok_on[s])
             self.last_hidden.index_copy_(0, last_sid_t, h.index_select(0, last_t))
         last = self.last_hidden.index_select(0, sids_t)
-        logits = d.lm_head(rms_norm(d.norm, last), on_rows)
+        logits = d.lm_head(rms_norm(d.norm, last, d.cpu_ops), on_rows)
         return torch.log_softmax(logits.float(), dim=-1), sids_t
 
     def _forward_pass(self, groups: list[_Group], ids, pos, write, on):
         """The decoder over one pass's packed tokens; returns their last hidden states ``[P, hidden]``."""
         d = self.dec
         P, nq = ids.shape[0], d.num_heads * d.head_dim
-        h = d.embed(ids)
         cos, sin = rope_tables(d, self.cos.index_select(0, pos), self.sin.index_select(0, pos))
-        for layer, pool in zip(d.layers, self.kv):
-            q, kv_new = layer_qkv(d, layer, h, cos, sin, on)
+
+        def attend(li, q, kv_new):
+            pool = self.kv[li]
             pool.index_copy_(0, write, kv_new)
+            scale = d.layers[li].scaling
             if len(groups) == 1 and groups[0].identity:
-                o = self._attend(groups[0], q, pool, layer.scaling)
-            else:
-                o = q.new_empty((P, nq))
-                for g in groups:
-                    o.index_copy_(0, g.scatter_to, self._attend(g, q, pool, layer.scaling).index_select(0, g.valid))
-            h = h + layer.o(o, on)
-            h = h + layer_mlp(layer, h, on)
-        return h
+                return self._attend(groups[0], q, pool, scale)
+            o = q.new_empty((P, nq))
+            for g in groups:
+                o.index_copy_(0, g.scatter_to, self._attend(g, q, pool, scale).index_select(0, g.valid))
+            return o
+
+        return forward_layers(d, d.embed(ids), cos, sin, on, attend)
 
     def _attend(self, g: _Group, q: torch.Tensor, pool: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of one tile group over the pool: ``[G * Q, heads * head_dim]``."""

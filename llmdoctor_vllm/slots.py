@@ -42,6 +42,7 @@ class SlotState:
         self.weights = torch.zeros((max_slots, 2), device=self.device)
         self.blocked = torch.zeros(max_slots, dtype=torch.bool, device=self.device)  # no guidance possible
         self._dirty = True
+        self.version = 0  # changes whenever a slot's request or weights change (per-batch caches key on it)
 
     def __getattr__(self, name):  # the fields as numpy views: state.streams[slot, d], state.guided[slots]
         table = self.__dict__.get("table")
@@ -55,6 +56,7 @@ class SlotState:
         rec["guided"], rec["delta"], rec["alpha"], rec["patient_min_p"], rec["betas"] = False, False, 1.0, 0.0, 0.0
         rec["streams"], rec["ref_streams"], rec["generation"], rec["last_used"] = -1, -1, 0, 0
         self.table[slots] = rec
+        self.version = getattr(self, "version", 0) + 1
 
     def assign(self, slot: int, guidance, generation: int) -> None:
         """Gives ``slot`` to a new guided request."""
@@ -65,6 +67,7 @@ class SlotState:
         t["generation"][slot] = generation
         self.blocked[slot] = False
         self._dirty = True
+        self.version += 1
 
     def move(self, a: int, b: int, swap: bool) -> None:
         """The request at ``a`` moves to ``b``; with ``swap``, ``b``'s moves to ``a``, else ``a`` empties."""
@@ -77,6 +80,7 @@ class SlotState:
             self.clear([a])
             self.blocked[a] = False
         self._dirty = True
+        self.version += 1
 
     def device_weights(self) -> torch.Tensor:
         """``[max_slots, 2]`` alpha and log(patient_min_p) on the device, refreshed if they changed."""
@@ -85,7 +89,7 @@ class SlotState:
             host[:, 0] = self.table["alpha"]
             with np.errstate(divide="ignore"):
                 host[:, 1] = np.log(self.table["patient_min_p"])
-            from llmdoctor_vllm.runner import to_device
+            from llmdoctor_vllm.device import to_device
 
             self.weights.copy_(to_device(host, self.device), non_blocking=True)
             self._dirty = False

@@ -55,7 +55,8 @@ def _owner_of(table) -> object | None:
     for ref in gc.get_referrers(table):
         owners = gc.get_referrers(ref) if isinstance(ref, dict) else [ref]
         for owner in owners:
-            if getattr(owner, "all_token_ids", None) is table and isinstance(getattr(owner, "free_indices", None), list):
+            free = getattr(owner, "free_indices", None)
+            if getattr(owner, "all_token_ids", None) is table and isinstance(free, list):
                 return owner
     return None
 

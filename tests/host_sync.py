@@ -9,6 +9,8 @@ the test runs on CPU. A CPU tensor copied "to the host" is no op at all, so copi
 the Python level instead: ``numpy()``, ``tolist()``, ``cpu()`` and ``to("cpu")`` of a tensor that
 an op inside the recorder produced (device data on a GPU) are recorded too; on a GPU a
 ``_to_copy`` / ``copy_`` from a device tensor into a CPU one is also caught where it happens.
+``torch.tensor(data, device=...)`` is recorded as well: on a GPU it uploads from pageable host
+memory and waits for the copy.
 
     with HostSyncRecorder() as rec:
         runner.step(...)
@@ -90,13 +92,26 @@ class HostSyncRecorder(TorchDispatchMode):
 
         return wrapper
 
+    def _blocking_upload(self, original):
+        recorder = self
+
+        def wrapper(data, *args, **kwargs):
+            if kwargs.get("device") is not None:
+                recorder.syncs.append(("torch.tensor(device=...)", "a synchronous upload from pageable memory"))
+            return original(data, *args, **kwargs)
+
+        return wrapper
+
     def __enter__(self):
         for method in _HOST_METHODS:
             self._saved[method] = getattr(torch.Tensor, method)
             setattr(torch.Tensor, method, self._host_copy(method, self._saved[method]))
+        self._saved["torch.tensor"] = torch.tensor
+        torch.tensor = self._blocking_upload(torch.tensor)
         return super().__enter__()
 
     def __exit__(self, *exc):
+        torch.tensor = self._saved.pop("torch.tensor")
         for method, original in self._saved.items():
             setattr(torch.Tensor, method, original)
         self._saved.clear()
