@@ -365,6 +365,15 @@ def test_frozen_reference_is_built_in_init_and_only_when_used(toy, tmp_path):
     assert all(torch.equal(p, start[n]) for n, p in ref.named_parameters())  # it never trains
     assert make_trainer(toy, tmp_path / "lora", lora=True).ref_model is None
     assert make_trainer(toy, tmp_path / "paper", reference_weight=0.0).ref_model is None
+    # as in TRL, the reference may also be given as a model: it is used as it is, and its path recorded
+    from transformers import AutoModelForCausalLM
+
+    from llmdoctor_train.stage2.trainer import TFPOTrainer
+
+    given = AutoModelForCausalLM.from_pretrained(toy["base"])
+    tr = TFPOTrainer(toy["base"], args=full.args, train_dataset=full.train_dataset, processing_class=toy["tok"],
+                     ref_model=given)
+    assert tr.ref_model is given and not given.training and tr.reference_path == str(toy["base"])
 
 
 def test_prepare_dataset_keeps_the_reward_fields_of_the_chosen_dimension(toy, tmp_path):
