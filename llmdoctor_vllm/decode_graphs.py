@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from vllm.logger import init_logger
 
 from llmdoctor_vllm.device import to_device
-from llmdoctor_vllm.layers import layer_mlp, layer_qkv, rms_norm, rope_tables
+from llmdoctor_vllm.layers import additive_mask, forward_layers, rms_norm, rope_tables
 
 logger = init_logger("vllm.llmdoctor")
 
@@ -164,17 +164,18 @@ class StaticDecode:
         read = torch.where(mask & valid[:, None], read, r.zero_row).view(-1)
         write = torch.where(valid, tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs, r.sink_row)
         on = on.to(r.dtype)[:, None] if d.lora else None
-        h = d.embed(ids)
         cos, sin = rope_tables(d, r.cos.index_select(0, pos), r.sin.index_select(0, pos))
-        mask = mask[:, None, None]
-        for layer, pool in zip(d.layers, r.kv):
-            q, kv_new = layer_qkv(d, layer, h, cos, sin, on)  # [B, heads, hd]
+        mask = additive_mask(mask[:, None, None], r.dtype)
+
+        def attend(li, q, kv_new):
+            pool = r.kv[li]
             pool.index_copy_(0, write, kv_new)
             kv = pool.index_select(0, read).view(B, L, 2, d.num_kv_heads, d.head_dim)
             o = F.scaled_dot_product_attention(q[:, :, None], kv[:, :, 0].transpose(1, 2),
-                                               kv[:, :, 1].transpose(1, 2), attn_mask=mask, scale=layer.scaling,
+                                               kv[:, :, 1].transpose(1, 2), attn_mask=mask, scale=d.layers[li].scaling,
                                                enable_gqa=d.num_heads != d.num_kv_heads)
-            h = h + layer.o(o.reshape(B, -1), on)
-            h = h + layer_mlp(layer, h, on)
+            return o.reshape(B, -1)
+
+        h = forward_layers(d, d.embed(ids), cos, sin, on, attend)
         self.hidden[:B].copy_(h)
-        self.logprobs[:B].copy_(torch.log_softmax(d.lm_head(rms_norm(d.norm, h), on).float(), dim=-1))
+        self.logprobs[:B].copy_(torch.log_softmax(d.lm_head(rms_norm(d.norm, h, d.cpu_ops), on).float(), dim=-1))

@@ -6,11 +6,15 @@
 so a layer is a handful of large ops whatever the adapter. The fused weights are the originals'
 storage: the model's own modules become views of them and keep working. The packed runner
 (:mod:`llmdoctor_vllm.runner`) and the static decode step (:mod:`llmdoctor_vllm.decode_graphs`)
-both run their layers through :func:`layer_qkv` and :func:`layer_mlp`.
+both run their layers through :func:`forward_layers`, each with its own attention.
 
-A projection runs its LoRA adapter on every row (``on=None``), on a subset of rows (``on`` a long
-tensor of row indices: the delta rule's reference rows run the base weights), or scaled per row by
-a 0/1 factor (``on`` a float ``[T, 1]`` tensor: the same thing in fixed shapes).
+On CPU, the doctor runs on the kernels vLLM's CPU build runs the patient with: oneDNN matmuls over
+prepacked weights (for a LoRA doctor, the base weights merged with the adapter), the fused
+residual-add RMSNorm and SiLU-and-mul. The prepacked copies cost one more copy of the doctor's
+weights in host memory.
+
+A projection runs its LoRA adapter on every row (``on=None``) or scaled per row by a 0/1 factor
+(``on`` a float ``[T, 1]`` tensor: 0 on the delta rule's reference rows, which run the base weights).
 """
 
 from __future__ import annotations
@@ -20,6 +24,17 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+
+def _vllm_cpu_ops():
+    """vLLM's CPU kernels (oneDNN matmul, fused norms), or ``None`` where this build lacks them."""
+    try:
+        from vllm import _custom_ops as ops
+    except ImportError:
+        return None
+    ok = getattr(ops, "_supports_onednn", False) and all(
+        hasattr(torch.ops._C, n) for n in ("rms_norm", "fused_add_rms_norm", "silu_and_mul"))
+    return ops if ok else None
 
 
 def lora_name(module) -> str:
@@ -53,9 +68,6 @@ def _module_linear(module, x, on):
     name = lora_name(module)
     out = module.base_layer(x)
     lora_a = module.lora_A[name]
-    if on.dtype == torch.long:
-        xa = lora_a(x.index_select(0, on).to(lora_a.weight.dtype))
-        return out.index_add_(0, on, (module.lora_B[name](xa) * module.scaling[name]).to(out.dtype))
     delta = module.lora_B[name](lora_a(x.to(lora_a.weight.dtype)))
     return out + (delta * module.scaling[name] * on).to(out.dtype)
 
@@ -65,7 +77,9 @@ class Proj:
     """One projection, or several reading the same input fused into one.
 
     ``weight`` ``[out, in]`` (and ``bias``) is the base; ``lora_a`` ``[R, in]`` and ``lora_bt``
-    ``[R, out]`` (B transposed, scaling folded in) the adapter's low-rank term, if any. A
+    ``[R, out]`` (B transposed, scaling folded in) the adapter's low-rank term, if any. With
+    ``packed`` (a oneDNN matmul of vLLM's CPU build) the product runs over a prepacked copy of the
+    weights merged with the adapter, and rows with the adapter off subtract its term. A
     projection the fused form cannot express (a DoRA or multi-adapter layer) keeps its
     ``modules`` and calls them one by one.
     """
@@ -75,20 +89,30 @@ class Proj:
     lora_a: torch.Tensor | None = None
     lora_bt: torch.Tensor | None = None
     modules: list | None = None
+    packed: object = None
 
     def __call__(self, x: torch.Tensor, on: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``[T, in]`` -> ``[T, out]``, the adapter per row as ``on`` says (see the module doc)."""
         if self.modules is not None:
             outs = [_module_linear(m, x, on) for m in self.modules]
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+        if self.packed is not None:
+            out = _vllm_cpu_ops().onednn_mm(self.packed, x, self.bias)
+            if self.lora_a is None or on is None:
+                return out
+            return out.addmm_(F.linear(x, self.lora_a) * (on - 1), self.lora_bt)
         out = F.linear(x, self.weight, self.bias)
         if self.lora_a is None:
             return out
-        if on is None:
-            return out.addmm_(F.linear(x, self.lora_a), self.lora_bt)
-        if on.dtype == torch.long:
-            return out.index_add_(0, on, F.linear(x.index_select(0, on), self.lora_a) @ self.lora_bt)
-        return out.addmm_(F.linear(x, self.lora_a) * on, self.lora_bt)
+        xa = F.linear(x, self.lora_a)
+        return out.addmm_(xa if on is None else xa * on, self.lora_bt)
+
+    def pack(self, ops) -> None:
+        """Prepacks the (merged) weights for ``ops.onednn_mm``."""
+        if self.modules is not None or self.weight.device.type != "cpu":
+            return
+        merged = self.weight if self.lora_a is None else self.weight + self.lora_bt.t() @ self.lora_a
+        self.packed = ops.create_onednn_mm(merged.t(), 32)
 
 
 def _fuse(modules: list) -> Proj:
@@ -139,6 +163,7 @@ class Layer:
     gate_up: Proj | None  # None: an MLP of another shape, run as its module (no per-row adapter)
     down: Proj | None
     mlp: torch.nn.Module
+    silu: bool  # the MLP's activation is SiLU
     scaling: float
 
 
@@ -155,6 +180,7 @@ class Decoder:
     num_heads: int
     num_kv_heads: int
     head_dim: int
+    cpu_ops: object = None  # vLLM's CPU kernels, where the doctor runs on them
 
     @property
     def vocab_rows(self) -> int:
@@ -162,9 +188,10 @@ class Decoder:
         return self.embed.weight.shape[0]
 
 
-def unwrap_decoder(model) -> Decoder:
+def unwrap_decoder(model, cpu_kernels: bool = False) -> Decoder:
     """The :class:`Decoder` of a Llama-family causal LM or a peft LoRA model around one; a
-    ``ValueError`` for an architecture the runner cannot drive."""
+    ``ValueError`` for an architecture the runner cannot drive. ``cpu_kernels``: run it on vLLM's
+    CPU kernels where this build has them (a model on the CPU)."""
     lora = hasattr(model, "peft_config")
     lm = model.get_base_model() if lora else model
     inner = getattr(lm, "model", None)
@@ -185,10 +212,17 @@ def unwrap_decoder(model) -> Decoder:
                          q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None),
                          qkv=_fuse([a.q_proj, a.k_proj, a.v_proj]), o=_fuse([a.o_proj]),
                          gate_up=_fuse([mlp.gate_proj, mlp.up_proj]) if gated else None,
-                         down=_fuse([mlp.down_proj]) if gated else None, mlp=mlp, scaling=a.scaling))
-    return Decoder(embed=inner.embed_tokens, layers=out, norm=inner.norm, rotary=inner.rotary_emb,
-                   lm_head=_fuse([lm.lm_head]), lora=lora, num_heads=cfg.num_attention_heads,
-                   num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim)
+                         down=_fuse([mlp.down_proj]) if gated else None, mlp=mlp,
+                         silu=getattr(cfg, "hidden_act", None) in ("silu", "swish"), scaling=a.scaling))
+    d = Decoder(embed=inner.embed_tokens, layers=out, norm=inner.norm, rotary=inner.rotary_emb,
+                lm_head=_fuse([lm.lm_head]), lora=lora, num_heads=cfg.num_attention_heads,
+                num_kv_heads=cfg.num_key_value_heads, head_dim=head_dim)
+    ops = _vllm_cpu_ops() if cpu_kernels else None
+    if ops is not None and inner.embed_tokens.weight.device.type == "cpu":
+        d.cpu_ops = ops
+        for proj in [p for layer in out for p in (layer.qkv, layer.o, layer.gate_up, layer.down) if p] + [d.lm_head]:
+            proj.pack(ops)
+    return d
 
 
 def _check_rope(apply_rotary_pos_emb, rotary, head_dim: int) -> None:
@@ -217,14 +251,25 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
-def rms_norm(module, x: torch.Tensor) -> torch.Tensor:
-    """A Llama/Qwen RMSNorm module applied in one fused call (the module itself if it is another kind)."""
+def rms_norm(module, x: torch.Tensor, ops=None) -> torch.Tensor:
+    """A Llama/Qwen RMSNorm module applied in one fused call (the module itself if it is another
+    kind); with ``ops``, vLLM's CPU kernel."""
     eps = getattr(module, "variance_epsilon", None)
     if eps is None:
         return module(x)
+    if ops is not None and x.dim() == 2 and x.is_contiguous():
+        out = torch.empty_like(x)
+        torch.ops._C.rms_norm(out, x, module.weight, eps)
+        return out
     if x.dtype == torch.float32:
         return F.rms_norm(x, (x.shape[-1],), module.weight, eps=eps)
     return module.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
+    """A boolean attention mask (True: the key is seen) as the additive one SDPA would otherwise
+    build from it in every layer: built once per step."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
 def rope_tables(d: Decoder, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,12 +284,39 @@ def rope_tables(d: Decoder, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch
     return c, s
 
 
-def layer_qkv(d: Decoder, layer: Layer, h: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, on):
-    """Layer's attention inputs for hidden states ``h`` ``[T, hidden]``: the rotated queries
+def _add_rms_norm(d: Decoder, module, delta: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(h + delta, its norm)``; with vLLM's CPU kernels in one fused call (in place)."""
+    eps = getattr(module, "variance_epsilon", None)
+    if d.cpu_ops is not None and eps is not None and delta.is_contiguous() and h.is_contiguous():
+        torch.ops._C.fused_add_rms_norm(delta, h, module.weight, eps)
+        return h, delta
+    h = h + delta
+    return h, rms_norm(module, h)
+
+
+def forward_layers(d: Decoder, h: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, on, attend):
+    """The decoder layers over embedded tokens ``h`` ``[T, hidden]``; returns the last hidden states
+    (before the final norm). ``attend(layer_index, q, kv)`` stores a layer's new keys and values
+    (``[T, 2, kv_heads, head_dim]``) and returns the attention output ``[T, heads * head_dim]``
+    for its queries ``q`` ``[T, heads, head_dim]``. ``cos``/``sin_signed`` come from :func:`rope_tables`."""
+    x = rms_norm(d.layers[0].input_norm, h, d.cpu_ops)
+    for i, layer in enumerate(d.layers):
+        q, kv = layer_qkv(d, layer, x, cos, sin_signed, on)
+        h, x = _add_rms_norm(d, layer.post_norm, layer.o(attend(i, q, kv), on), h)
+        out = layer_mlp(d, layer, x, on)
+        if i + 1 < len(d.layers):
+            h, x = _add_rms_norm(d, d.layers[i + 1].input_norm, out, h)
+        else:
+            h = h + out
+    return h
+
+
+def layer_qkv(d: Decoder, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, on):
+    """Layer's attention inputs for normed hidden states ``x`` ``[T, hidden]``: the rotated queries
     ``[T, heads, head_dim]`` and the rotated keys with the values, ``[T, 2, kv_heads, head_dim]``
     (the layout of a KV pool row). ``cos``/``sin_signed`` come from :func:`rope_tables`."""
-    T, nq, nkv = h.shape[0], d.num_heads, d.num_kv_heads
-    x = layer.qkv(rms_norm(layer.input_norm, h), on).view(T, nq + 2 * nkv, d.head_dim)
+    T, nq, nkv = x.shape[0], d.num_heads, d.num_kv_heads
+    x = layer.qkv(x, on).view(T, nq + 2 * nkv, d.head_dim)
     if layer.q_norm is not None:
         x = torch.cat([rms_norm(layer.q_norm, x[:, :nq]), rms_norm(layer.k_norm, x[:, nq:nq + nkv]),
                        x[:, nq + nkv:]], dim=1)
@@ -252,13 +324,18 @@ def layer_qkv(d: Decoder, layer: Layer, h: torch.Tensor, cos: torch.Tensor, sin_
     return x[:, :nq], x[:, nq:].view(T, 2, nkv, d.head_dim)
 
 
-def layer_mlp(layer: Layer, h: torch.Tensor, on) -> torch.Tensor:
-    """Layer's MLP branch on ``h`` (after its norm), to be added to ``h``."""
-    x = rms_norm(layer.post_norm, h)
+def layer_mlp(d: Decoder, layer: Layer, x: torch.Tensor, on) -> torch.Tensor:
+    """Layer's MLP branch on normed hidden states ``x``, to be added to the hidden states."""
     if layer.gate_up is None:
         if on is not None and has_lora(layer.mlp):
             raise ValueError("llmdoctor: the delta rule runs a LoRA doctor's adapter on and off per row, "
                              f"which needs a gated MLP (gate, up and down projections): {layer.mlp!r}")
         return layer.mlp(x)
-    gate, up = layer.gate_up(x, on).chunk(2, dim=-1)
-    return layer.down(layer.mlp.act_fn(gate) * up, on)
+    gate_up = layer.gate_up(x, on)
+    if d.cpu_ops is not None and layer.silu and gate_up.is_contiguous():
+        act = gate_up.new_empty((gate_up.shape[0], gate_up.shape[1] // 2))
+        torch.ops._C.silu_and_mul(act, gate_up)
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = layer.mlp.act_fn(gate) * up
+    return layer.down(act, on)

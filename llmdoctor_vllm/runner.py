@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from llmdoctor_vllm.device import to_device, to_device_many
-from llmdoctor_vllm.layers import Decoder, forward_layers, rms_norm, rope_tables, unwrap_decoder
+from llmdoctor_vllm.layers import Decoder, additive_mask, forward_layers, rms_norm, rope_tables, unwrap_decoder
 from llmdoctor_vllm.packing import plan_step
 
 
@@ -59,7 +59,7 @@ class _Group:
     shape: tuple[int, int, int]  # G tiles, Q queries, L keys
     q_index: torch.Tensor  # [G * Q] token of each query in the pass
     read: torch.Tensor  # [G * L] pool row of each key
-    mask: torch.Tensor  # [G, 1, Q, L] a query sees keys at positions up to its own
+    mask: torch.Tensor  # [G, 1, Q, L] 0 where a query sees a key (positions up to its own), -inf elsewhere
     valid: torch.Tensor  # [queries] which of the G * Q queries are real ...
     scatter_to: torch.Tensor  # ... and the pass token each one is
     identity: bool  # the G * Q queries are the pass's tokens in order
@@ -253,7 +253,7 @@ class DoctorRunner:
                 q_index, q_pos, read, valid, scatter_to = (next(up) for _ in range(5))
                 G, Q = g.q_index.shape
                 L = g.read.shape[1]
-                mask = (self.arange[:L] <= q_pos[:, :, None])[:, None]
+                mask = additive_mask((self.arange[:L] <= q_pos[:, :, None])[:, None], self.dtype)
                 groups.append(_Group((G, Q, L), q_index, read, mask, valid, scatter_to, g.identity))
             s = slice(p.start, p.end)
             h = self._forward_pass(groups, tok_ids[s], pos_t[s], write_t[s], None if tok_on is None else tok_on[s])
