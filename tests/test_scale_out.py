@@ -1,4 +1,5 @@
-"""Tensor parallelism: every rank builds the processor and its own doctor; they must steer alike."""
+"""Scale-out: tensor-parallel serving (every rank builds the processor and its own doctor; they must steer
+alike) and data-parallel training (`llmdoctor train` under `accelerate launch`)."""
 
 from __future__ import annotations
 
@@ -40,3 +41,81 @@ def test_tensor_parallel_2_steers_like_tp_1(tiny, engine):
     tp1 = run(engine, PROMPTS, params)[0]
     assert tp2 == tp1
     assert tp1[0] != run(engine, PROMPTS[:1], sp(max_tokens=12))[0][0]  # guidance did steer
+
+
+# `llmdoctor train` as it runs under `accelerate launch`, with each process's own metrics recorded beside
+# what the trainer logs (the means over both processes must be what is logged)
+_DDP_SCRIPT = """
+import json, os, sys
+import torch
+from llmdoctor_train.stage2.trainer import TFPOTrainer
+logged = TFPOTrainer.log
+def log(self, logs, start_time=None):
+    mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
+    local = {k: torch.stack(v).float().mean().item() for k, v in self._metrics[mode].items() if v}
+    logged(self, logs, start_time)
+    with open(os.path.join(os.environ["METRICS_DIR"], f"rank{self.accelerator.process_index}.jsonl"), "a") as f:
+        f.write(json.dumps({"local": local, "logged": logs, "world": self.accelerator.num_processes}) + "\\n")
+TFPOTrainer.log = log
+from llmdoctor_train.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_ddp_training_logs_means_over_processes_and_its_doctor_steers(tiny, tmp_path, keep_alive):
+    """``accelerate launch --num_processes 2 --cpu`` runs ``llmdoctor train`` over gloo: every logged TFPO
+    metric is the mean of the two processes' own values (which differ: they see different pairs), and the
+    doctor it writes loads in the plugin and steers as the formula says."""
+    import math
+
+    import torch
+    from datasets import Dataset
+    from vllm import LLM, TokensPrompt
+
+    from llmdoctor_vllm.checkpoint import load_doctor
+    from tests.helpers import ENGINE_KW, guided_scores
+    from tests.test_tfpo import synthetic_records
+
+    Dataset.from_list(synthetic_records(16)).save_to_disk(str(tmp_path / "rw"))
+    script = tmp_path / "ddp_train.py"
+    script.write_text(_DDP_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
+    env.update(METRICS_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    # accelerate's --cpu alone starts one process unless MPI is there; --multi_gpu starts both through
+    # torchrun, and the trainer's --use_cpu makes them CPU processes over gloo
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
+           "train", "--rewards", str(tmp_path / "rw"), "--model", str(tiny["root"] / "lora_base"),
+           "--output", str(tmp_path / "doctor"), "--lora_r", "4", "--lora_dropout", "0", "--max_steps", "4",
+           "--per_device_train_batch_size", "2", "--learning_rate", "5e-2", "--warmup_steps", "0",
+           "--logging_steps", "2", "--save_steps", "4", "--report_to", "none", "--use_cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
+    ranks = [[json.loads(x) for x in (tmp_path / f"rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+    steps = [(a, b) for a, b in zip(*ranks) if a["local"]]
+    assert len(steps) >= 2 and all(a["world"] == 2 for a, _ in steps)
+    differ = False
+    for a, b in steps:
+        assert a["logged"] == b["logged"]
+        for k, v0 in a["local"].items():
+            v1 = b["local"][k]
+            assert math.isclose(a["logged"][k], (v0 + v1) / 2, rel_tol=1e-5, abs_tol=1e-6), (k, v0, v1, a["logged"])
+            differ |= not math.isclose(v0, v1, rel_tol=1e-4)
+    assert differ  # the processes saw different pairs, so a rank-0-only log would be caught
+
+    doctor = str(tmp_path / "doctor")
+    llm = LLM(model=tiny["patient"], additional_config={"llmdoctor": {"doctors": {"ddp": doctor}, "beta": 0.0}},
+              **ENGINE_KW)
+    keep_alive(llm)
+    from transformers import AutoModelForCausalLM
+
+    patient = AutoModelForCausalLM.from_pretrained(tiny["patient"]).eval()
+    doctors = {"ddp": load_doctor(doctor, patient_tokenizer=tiny["tokenizer"])}
+    prompt = tiny["tokenizer"](PROMPTS[0])["input_ids"]
+    o = llm.generate([TokensPrompt(prompt_token_ids=prompt)], sp(guide={"beta": 1.0, "rule": "delta"}, logprobs=0),
+                     use_tqdm=False)[0].outputs[0]
+    ref = guided_scores(patient, doctors, prompt, list(o.token_ids), betas={"ddp": 1.0}, rule="delta")
+    assert list(o.token_ids) == ref.argmax(-1).tolist()
+    got = torch.tensor([lp[t].logprob for lp, t in zip(o.logprobs, o.token_ids)])
+    want = torch.log_softmax(ref, -1)[torch.arange(len(o.token_ids)), torch.tensor(list(o.token_ids))]
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)

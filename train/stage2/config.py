@@ -62,6 +62,9 @@ class TFPOConfig(TrainingArguments):
     trained_for: str = _opt("", "What the doctor is for (e.g. 'helpfulness'), written to the manifest "
                                 "(default: --dimension, else the loss type).")
     remove_unused_columns: bool = _opt(False, "Must stay False: the collator reads the reward columns.")
+    ddp_find_unused_parameters: bool | None = _opt(
+        False, "DDP: look for parameters without a gradient after each forward. Off: the value head runs after "
+               "the model's forward, and DDP would count its parameters as unused and then again as ready.")
     # TrainingArguments fields with TFPO's defaults
     output_dir: str | None = _opt(None, "Where Trainer checkpoints go (each also a loadable doctor); "
                                         "llmdoctor train: default OUTPUT/checkpoints.")
