@@ -42,4 +42,8 @@ from llmdoctor_vllm.checkpoint import load_doctor  # noqa: E402
 
 doc = load_doctor(work / "doctor", patient_tokenizer=tok)
 assert doc.is_lora and (work / "doctor" / "README.md").is_file()
+from llmdoctor_train.real.doctor import PACKAGED  # noqa: E402
+
+assert "site-packages" in str(PACKAGED) and (PACKAGED / "adapter_model.safetensors").is_file(), \
+    f"the real model's doctor is not installed as package data: {PACKAGED}"
 print("fresh install: llmdoctor rewards and llmdoctor train ran from the base install + [cpu] (no dev extra)")
