@@ -9,7 +9,7 @@ from llmdoctor_train.stage1 import cli as rewards_cli
 from llmdoctor_train.stage2 import cli as train_cli
 
 
-RETRAIN_TIME = "about 60 minutes"  # python -m llmdoctor_train.real.build_doctor, timed on 2 CPU cores
+RETRAIN_TIME = "about 70 minutes"  # python -m llmdoctor_train.real.build_doctor, timed on 2 CPU cores
 
 
 def _add_demo_parser(sub) -> None:
@@ -19,12 +19,12 @@ def _add_demo_parser(sub) -> None:
                                       "the positive-sentiment LoRA doctor kept in the package (trained by "
                                       "`llmdoctor pairs`, `llmdoctor rewards` and `llmdoctor train`), and prints "
                                       "held-out prompts' replies plain and guided, side by side, with their VADER "
-                                      "sentiment, the patient's perplexity and length. About 2 to 3 minutes on "
+                                      "sentiment, the patient's perplexity and length. About 2 minutes on "
                                       "2 CPU cores. --toy runs the whole loop on a toy task built here instead.")
     demo.add_argument("--prompts", type=int, default=16, help="held-out prompts to decode (16; at most 64)")
-    demo.add_argument("--beta", type=float, nargs="+", help="doctor weights to show (real model: 2; toy: 1 2)")
+    demo.add_argument("--beta", type=float, nargs="+", help="doctor weights to show (real model: 1; toy: 1 2)")
     demo.add_argument("--rule", choices=["product", "delta"], nargs="+",
-                      help="decoding rules to show (real model: product; toy: product delta)")
+                      help="decoding rules to show (real model: delta; toy: product delta)")
     demo.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (real model; 0.7)")
     demo.add_argument("--retrain", metavar="WORKDIR",
                       help="rebuild the doctor from scratch in WORKDIR first (pairs, rewards, training: "
@@ -56,7 +56,7 @@ def _run_demo(args) -> None:
 
         build(["--workdir", args.retrain])
         doctor = os.path.join(os.path.abspath(args.retrain), "doctor_lora")
-    run_real_demo(n_prompts=args.prompts, betas=args.beta or [2.0], rules=args.rule or ["product"],
+    run_real_demo(n_prompts=args.prompts, betas=args.beta or [1.0], rules=args.rule or ["delta"],
                   temperature=args.temperature, doctor=doctor)
 
 

@@ -56,7 +56,7 @@ def patient_perplexity(llm, prompt_ids: list[list[int]], reply_ids: list[list[in
     return np.array(ppl)
 
 
-def run_real_demo(n_prompts: int = 16, betas=(2.0,), rules=("product",), temperature: float = 0.7,
+def run_real_demo(n_prompts: int = 16, betas=(1.0,), rules=("delta",), temperature: float = 0.7,
                   show: int = 4, doctor: str | None = None) -> dict:
     """Loads (or converts) the patient and the packaged doctor, decodes ``n_prompts`` held-out prompts plain
     and guided, and prints the comparison; returns each setting's mean scores and the wall time."""
