@@ -3,8 +3,8 @@ ARGS), the evaluation prompts through the patient's chat template, and each meth
 
 Every method samples at temperature 1 from the same seeds: prompt ``i`` on seed ``s`` uses
 ``SEED_STRIDE * s + 1000 * i`` (vLLM seeds a request's ``n`` samples from there), so settings
-differ only by their guidance. Best-of-N takes its N samples from one request with ``n = 16``:
-best-of-4 chooses among the first 4, best-of-16 among all 16.
+differ only by their guidance. Best-of-N takes its samples from requests with ``n = 16``: each such
+draw gives one best-of-16 and four best-of-4 (from disjoint groups of 4 samples).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ def settings(doctors: dict[str, str], betas, args_w, args_k: int, rules=("produc
     x beta, and ARGS over ``args_w``. The delta rule runs each doctor's reference as well: one more call."""
     out = [Setting("plain"), Setting("prompted", system=POSITIVE_SYSTEM)]
     for method, name in doctors.items():
-        for rule in rules:
-            for b in betas:
+        for b in betas:
+            for rule in rules:
                 out.append(Setting(method, {"rule": rule, "beta": b},
                                    {f"llmdoctor_beta_{name}": b, "llmdoctor_rule": rule},
                                    calls=2.0 if rule == "product" else 3.0))

@@ -26,6 +26,9 @@ def summarize_methods(points: dict[str, list[dict]], command: str, ppl_factor: f
                                             "tokens_per_second", "calls_per_token", "reward_calls_per_token",
                                             "setting", "seeds")}
         out[method] = entry
+    for method in METHODS:
+        out.setdefault(method, {"reward_at_operating_point": None, "spread": None, "command": command, "points": [],
+                                "note": "not run"})
     return out
 
 
@@ -53,7 +56,8 @@ def table(methods: dict) -> str:
     rows = []
     for m, e in methods.items():
         if e["reward_at_operating_point"] is None:
-            rows.append(f"| {m} | no point within the fluency and diversity bounds | | | | | | | |")
+            why = e.get("note") or "no point within the fluency and diversity bounds"
+            rows.append(f"| {m} | {why} | | | | | | | |")
             continue
         setting = ", ".join(f"{k}={v}" for k, v in e["setting"].items()) or "-"
         rows.append(f"| {m} | {e['reward_at_operating_point']:+.3f} ± {e['spread']:.3f} | {e['positive_share']:.2f} | "

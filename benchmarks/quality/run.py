@@ -59,10 +59,15 @@ def parse_args(argv=None):
     p.add_argument("--ppl-factor", type=float, default=1.2, help="fluency bound: x plain's perplexity (1.2)")
     p.add_argument("--d2-factor", type=float, default=0.9, help="diversity bound: x plain's distinct-2 (0.9)")
     p.add_argument("--max-num-seqs", type=int, default=256, help="the engine's batch (256)")
+    p.add_argument("--best-of-seeds", type=int, default=1,
+                   help="seeds (the first of --seeds) that draw 16 samples per prompt; each draw gives one best-of-16 "
+                        "and four disjoint best-of-4 (1)")
     p.add_argument("--judge-prompts", type=int,
                    help="judge the replies to the first N prompts of each setting (default: all)")
     p.add_argument("--skip-decoding", action="store_true",
                    help="report from what --workdir holds (settings with fewer seeds say so in their points)")
+    p.add_argument("--skip-judging", action="store_true",
+                   help="report only the settings whose replies --workdir already holds judged")
     return p.parse_args(argv)
 
 
@@ -71,27 +76,47 @@ def _say(msg: str) -> None:
 
 
 class Store:
-    """Samples and judged replies on disk (``--workdir``), so an interrupted run resumes."""
+    """Samples (``store.json``) and judged replies (``judged.json``) on disk in ``--workdir``, so an
+    interrupted run resumes, and one process can judge what another has decoded."""
 
     def __init__(self, workdir: str | None, sizes: dict):
-        self.path = Path(workdir) / "store.json" if workdir else None
-        self.data = json.loads(self.path.read_text()) if self.path and self.path.exists() else {"samples": {}}
+        self.dir = Path(workdir) if workdir else None
+        self.data = self._read("store.json") or {"samples": {}}
         held = self.data.setdefault("sizes", sizes)
         if held != sizes:
             raise SystemExit(f"quality: {workdir} holds samples of other sizes (held {held}, asked {sizes})")
+        self.judged = {k: np.asarray(v) for k, v in (self._read("judged.json") or {}).items()}
+
+    def _read(self, name: str):
+        path = self.dir / name if self.dir else None
+        return json.loads(path.read_text()) if path and path.exists() else None
+
+    def _write(self, name: str, payload) -> None:
+        if self.dir:  # written whole, then renamed: a reader never sees half a file
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = self.dir / f".{name}.{os.getpid()}"
+            tmp.write_text(json.dumps(payload))
+            tmp.replace(self.dir / name)
 
     def save(self) -> None:
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.path.write_text(json.dumps(self.data))
+        """Writes the samples."""
+        self._write("store.json", self.data)
+
+    def save_judged(self) -> None:
+        """Writes the judged replies (merged with any another process wrote meanwhile)."""
+        on_disk = self._read("judged.json") or {}
+        self.judged = {k: np.asarray(v) for k, v in on_disk.items()} | self.judged
+        self._write("judged.json", {k: v.tolist() for k, v in self.judged.items()})
 
 
-def decode_all(make_bench, store: Store, plan: list[qm.Setting], seeds: list[int], best: int) -> None:
-    """Every setting on every seed, and ``best`` samples per prompt for best-of-N, kept in ``store``;
-    the engine (``make_bench()``) starts only if something is missing, and is closed at the end."""
+def decode_all(make_bench, store: Store, plan: list[qm.Setting], seeds: list[int], best: int,
+               best_seeds: list[int]) -> None:
+    """Every setting on every seed, and ``best`` samples per prompt on each of ``best_seeds`` for best-of-N,
+    kept in ``store``, seed by seed; the engine (``make_bench()``) starts only if something is missing."""
     samples = store.data["samples"]
     first, rest = plan[:2], plan[2:]  # plain and prompted, then best-of-N, then the swept methods
-    todo = [(seed, s) for seed in seeds for s in first + [qm.Setting(f"best_of_{best}")] + rest
+    todo = [(seed, s) for seed in seeds
+            for s in first + [qm.Setting(f"best_of_{best}")] * (seed in best_seeds) + rest
             if f"{s.key} seed={seed}" not in samples]
     if not todo:
         return
@@ -122,13 +147,16 @@ def delivered(store: Store, plan: list[qm.Setting], seeds: list[int], best: int,
                  "tokens": [x[0] for x in d["tokens"]], "seconds": d["seconds"]}
                 for d in (samples.get(f"{s.key} seed={x}") for x in seeds) if d]
         out.append((s, runs))
+    draws = [d for d in (samples.get(f"best_of_{best} seed={x}") for x in seeds) if d]
     for n in best_of:
         runs = []
-        for d in (samples.get(f"best_of_{best} seed={x}") for x in seeds):
-            if d:
-                sampled = {"texts": d["texts"], "scores": np.asarray(d["scores"]), "tokens": np.asarray(d["tokens"])}
-                texts, scores, tokens = qm.best_of(sampled, n)
-                runs.append({"texts": texts, "scores": scores, "tokens": tokens, "seconds": d["seconds"] * n / best})
+        # each draw of `best` samples per prompt holds best // n disjoint groups of n: one "seed" each
+        for d, j in [(d, j) for d in draws for j in range(best // n)][:len(seeds)]:
+            sampled = {"texts": [ts[j * n:(j + 1) * n] for ts in d["texts"]],
+                       "scores": np.asarray(d["scores"])[:, j * n:(j + 1) * n],
+                       "tokens": np.asarray(d["tokens"])[:, j * n:(j + 1) * n]}
+            texts, scores, tokens = qm.best_of(sampled, n)
+            runs.append({"texts": texts, "scores": scores, "tokens": tokens, "seconds": d["seconds"] * n / best})
         out.append((qm.Setting(f"best_of_{n}", {"N": n}, calls=float(n)), runs))
     return [(s, runs) for s, runs in out if runs]
 
@@ -139,18 +167,20 @@ def judge_all(judge_dir: str | None, store: Store, replies: list[tuple[qm.Settin
     prompts, keyed ``"i\\treply"`` (kept in ``store``)."""
     from benchmarks.quality.judge import Judge, judge_path
 
-    judged = {k: np.asarray(v) for k, v in store.data.get("judged", {}).items()}
+    judged = store.judged
     todo = sorted({f"{i}\t{t}" for _, runs in replies for r in runs for i, t in enumerate(r["texts"][:n_judged])}
                   - set(judged))
     if todo:
         judge = Judge(judge_dir or judge_path())
         t0 = time.perf_counter()
-        lps = judge.token_logprobs([prompts[int(k.split("\t", 1)[0])] for k in todo], [k.split("\t", 1)[1] for k in todo])
-        judged |= dict(zip(todo, lps))
+        for b in range(0, len(todo), 32):  # saved chunk by chunk: an interrupted run keeps what it judged
+            chunk = todo[b:b + 32]
+            lps = judge.token_logprobs([prompts[int(k.split("\t", 1)[0])] for k in chunk],
+                                       [k.split("\t", 1)[1] for k in chunk])
+            judged |= dict(zip(chunk, lps))
+            store.save_judged()
         _say(f"  judged {len(todo)} replies in {time.perf_counter() - t0:.0f} s")
-        store.data["judged"] = {k: v.tolist() for k, v in judged.items()}
-        store.save()
-    return judged
+    return store.judged
 
 
 def collect(replies: list[tuple[qm.Setting, list[dict]]], judged: dict, n_judged: int) -> dict[str, list[dict]]:
@@ -165,6 +195,14 @@ def collect(replies: list[tuple[qm.Setting, list[dict]]], judged: dict, n_judged
         points.setdefault(s.method, []).append({"setting": s.params, **over_seeds(per_seed), "calls_per_token": s.calls,
                                                 "reward_calls_per_token": reward_calls, "per_seed": per_seed})
     return points
+
+
+def doctor_card(path: str) -> dict:
+    """A doctor's folder and what its ``llmdoctor.json`` says it is (kind, base model, reference, training)."""
+    card = Path(path) / "llmdoctor.json"
+    meta = json.loads(card.read_text()) if card.is_file() else {}
+    return {"path": path, **{k: meta[k] for k in ("kind", "base_model", "reference", "trained_for", "extra")
+                             if k in meta}}
 
 
 def main(argv=None) -> dict:
@@ -183,14 +221,21 @@ def main(argv=None) -> dict:
     t0 = time.perf_counter()
     if not args.skip_decoding:
         decode_all(lambda: qm.Bench(patient, {name: path for name, path in doctors.values()}, args.n_prompts,
-                                    args.max_tokens, max_num_seqs=args.max_num_seqs), store, plan, args.seeds, best)
+                                    args.max_tokens, max_num_seqs=args.max_num_seqs), store, plan, args.seeds, best,
+                   args.seeds[:args.best_of_seeds])
     prompts = eval_prompts(args.n_prompts)
     t_decode = time.perf_counter() - t0
     _say("judging every reply")
     t0 = time.perf_counter()
     n_judged = min(args.judge_prompts or args.n_prompts, args.n_prompts)
     replies = delivered(store, plan, args.seeds, best)
-    judged = judge_all(args.judge, store, replies, prompts, n_judged)
+    if args.skip_judging:
+        judged = store.judged
+        replies = [(s, [r for r in runs if all(f"{i}\t{t}" in judged for i, t in enumerate(r["texts"][:n_judged]))])
+                   for s, runs in replies]
+        replies = [(s, runs) for s, runs in replies if runs]
+    else:
+        judged = judge_all(args.judge, store, replies, prompts, n_judged)
     t_judge = time.perf_counter() - t0
     command = command_line("quality", argv)
     points = collect(replies, judged, n_judged)
@@ -200,7 +245,7 @@ def main(argv=None) -> dict:
         "task": f"positive sentiment: {len(prompts)} evaluation prompts (llmdoctor_train.real.prompts, topics no "
                 f"doctor trained on) through the chat template, temperature 1, at most {args.max_tokens} tokens; "
                 "reward: VADER compound of the reply",
-        "patient": patient, "doctors": {m: path for m, (_, path) in doctors.items()},
+        "patient": patient, "doctors": {m: doctor_card(path) for m, (_, path) in doctors.items()},
         "judge": ("Gemma 3 270M (Q4_K_M GGUF, dequantized), perplexity of each reply after <bos>, its prompt and "
                   "a blank line" if not args.judge else args.judge) + f"; replies to the first {n_judged} prompts",
         "operating_point": {"perplexity_max": args.ppl_factor * plain["perplexity"],
