@@ -568,14 +568,13 @@ class GuidanceCore:
         reqs, inverse = np.unique(owners, return_inverse=True)
         req_need = np.bincount(inverse, weights=need, minlength=len(reqs)).astype(np.int64)
         req_long = np.bincount(inverse, weights=too_long, minlength=len(reqs)) > 0
+        if req_long.any():  # no room ever fits them
+            raise UnservableRequests(reqs[req_long], "longer than the doctor's longest stream")
         order = np.argsort(self.state.generation[reqs], kind="stable")
         fits = np.zeros(len(reqs), dtype=bool)
-        fits[order] = ~req_long[order] & (np.cumsum(np.where(req_long, 0, req_need)[order]) <= free)
-        # freed blocks of the requests dropped here go back to the pool: recount once they are gone
-        short = int(need[~too_long].sum() - free)
-        raise _NeedRoom(runner, short, reqs[~fits],
-                        f"doctor KV cache full ({runner.budget_tokens} tokens)" if not req_long.all() else
-                        "longer than the doctor's longest stream")
+        fits[order] = np.cumsum(req_need[order]) <= free
+        short = int(need.sum() - free)
+        raise _NeedRoom(runner, short, reqs[~fits], f"doctor KV cache full ({runner.budget_tokens} tokens)")
 
     def _make_room(self, runner: DoctorRunner, short: int, present: np.ndarray, ids: bool = False) -> bool:
         """Frees idle doctor caches, least recently used first, until ``runner`` has ``short`` more free

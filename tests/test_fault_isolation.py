@@ -118,14 +118,18 @@ def test_nan_row_is_decided_on_the_device_for_this_and_later_steps(tiny, monkeyp
         proc.core._pending_nan.clear()  # the host has read nothing (as when the flags are still in flight)
 
 
-def test_full_cache_unguides_only_the_requests_that_do_not_fit(tiny, log):
+def test_full_cache_unguides_only_the_requests_that_do_not_fit(tiny):
     """Three requests of one block each and a two-block cache: the two oldest are served."""
     proc = _processor(tiny, cache_tokens=32, block_size=16)
+    handler = _Log()
+    logging.getLogger("vllm.llmdoctor").addHandler(handler)
+    log = handler.lines
     params = [sp(guide={"beta": 1.0, "doctors": "doctor0"}) for _ in range(3)]
     _add(proc, [(i, params[i], _ids(tiny, 8 + i), []) for i in range(3)])
     proc.apply(torch.randn(3, 384))
     assert proc.core.guided[:3].tolist() == [True, True, False]
-    assert sum("KV cache full" in line for line in log) == 1
+    logging.getLogger("vllm.llmdoctor").removeHandler(handler)
+    assert sum("KV cache full" in line for line in log) == 1, log
 
 
 def test_each_doctors_stream_ids_are_its_own(tiny):
