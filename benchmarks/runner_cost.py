@@ -190,8 +190,8 @@ def doctor_step(model, B, L, repeats, sync, device, dtype, delta=False, graphs=F
     streams = 2 * B if delta else B
     r = DoctorRunner(model, device=device, dtype=dtype, cache_tokens=streams * (L + 64) + 64 * 16,
                      max_streams=streams, max_len=L + 64)
-    if graphs:
-        r.enable_static_decode(max_batch=streams, capture=str(device).startswith("cuda"))
+    if graphs:  # no key budget: every step here is to run in a graph
+        r.enable_static_decode(max_batch=streams, capture=str(device).startswith("cuda"), max_bucket_keys=1 << 30)
     sids = np.array([r.new_stream() for _ in range(streams)])
     off = np.arange(streams) >= B if delta else None
     rng = np.random.default_rng(0)

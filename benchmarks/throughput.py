@@ -8,6 +8,14 @@ already cached (256 -> 2048 tokens), with the runner alone.
 
     python -m benchmarks.throughput                      # tiny pair, CPU, a few minutes
     python -m benchmarks.throughput --shapes qwen2.5-7b+1.5b --batch-sizes 1 8 32   # on a GPU
+    python -m benchmarks.throughput --shapes smollm2 --batch-sizes 1 8 32 64 --output-len 48 \
+        --output throughput_real                         # the real model (`llmdoctor smollm2` first)
+
+With ``--shapes smollm2`` the patient is SmolLM2-135M-Instruct and two doctors of real shape run
+beside it, each alone: a LoRA doctor on the patient's own weights (random adapter weights unless
+``--lora-doctor`` names a trained one) and a full doctor cut to the patient's first
+``--cut-layers`` layers (``--cut-doctor``). Each gets guided/plain per batch size against its
+limit, the HF-transformers loop with the same guidance, and its KV pool beside the patient's.
 """
 
 from __future__ import annotations
@@ -27,7 +35,14 @@ MODES = ("plain", "guided", "guided_2_doctors", "hf_loop")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="tiny", help="model pair shapes: tiny (CPU default) or qwen2.5-7b+1.5b")
+    p.add_argument("--shapes", default="tiny",
+                   help="model pair shapes: tiny (CPU default), qwen2.5-7b+1.5b, or smollm2 (the real model)")
+    p.add_argument("--lora-doctor", help="smollm2: a trained LoRA doctor checkpoint (default: random adapter)")
+    p.add_argument("--cut-doctor", help="smollm2: a trained cut doctor checkpoint (default: the cut, untrained)")
+    p.add_argument("--cut-layers", type=int, default=10, help="smollm2: layers of the cut doctor")
+    p.add_argument("--hf-loop-max-batch", type=int, default=32, help="smollm2: largest batch the HF loop runs")
+    p.add_argument("--threads", type=int, help="CPU threads for the engine and the HF loop (bound to cores 0..n-1; "
+                   "default: vLLM's own binding)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=64, help="output tokens per request")
@@ -62,7 +77,7 @@ def _time_vllm(llm, prompts, extras: dict, output_len, repeats):
         return SamplingParams(max_tokens=n, min_tokens=n, temperature=0.0, ignore_eos=True, extra_args=extra or None)
 
     for extra in extras.values():  # warm-up
-        llm.generate(prompts, params(extra, output_len), use_tqdm=False)
+        llm.generate(prompts, params(extra, min(output_len, 4)), use_tqdm=False)
     times = {m: [] for m in extras}
     ttfts = {m: [] for m in extras}
     n_out = {}
@@ -78,7 +93,7 @@ def _time_vllm(llm, prompts, extras: dict, output_len, repeats):
     return {m: (n_out[m], float(np.median(times[m])), float(np.median(ttfts[m]))) for m in extras}
 
 
-def _time_hf_loop(pair, prompts, output_len, repeats, device):
+def _time_hf_loop(pair, prompts, output_len, repeats, device, doctor="doctor0"):
     """GenARM-style reference: transformers ``generate`` + a logits processor running the doctor."""
     import torch
     from transformers import AutoModelForCausalLM, DynamicCache, LogitsProcessor, LogitsProcessorList
@@ -86,7 +101,7 @@ def _time_hf_loop(pair, prompts, output_len, repeats, device):
     from llmdoctor_vllm.checkpoint import load_doctor
 
     patient = AutoModelForCausalLM.from_pretrained(pair["patient"]).to(device).eval()
-    doctor = load_doctor(pair["doctors"]["doctor0"], device=device, dtype=patient.dtype).model
+    doctor = load_doctor(pair["doctors"][doctor], device=device, dtype=patient.dtype).model
 
     class DoctorGuidance(LogitsProcessor):
         def __init__(self, beta):
@@ -194,25 +209,27 @@ def hf_loop_worker(job: str) -> None:
 
     spec = json.loads(job)
     gpu = torch.cuda.is_available()
-    prompts = _prompts(max(spec["batch_sizes"]), spec["prompt_len"], 300)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    prompts = _prompts(max(spec["batch_sizes"]), spec["prompt_len"], spec.get("vocab", 300))
     for b in spec["batch_sizes"]:
         n, dt, ttft = _time_hf_loop(spec["pair"], prompts[:b], spec["output_len"], spec["repeats"],
-                                    "cuda" if gpu else "cpu")
-        row = {"mode": "hf_loop", "batch_size": b, "output_tokens_per_s": n / dt, "ttft_s": ttft,
+                                    "cuda" if gpu else "cpu", spec.get("doctor", "doctor0"))
+        row = {"mode": spec.get("mode", "hf_loop"), "batch_size": b, "output_tokens_per_s": n / dt, "ttft_s": ttft,
                "tpot_ms": 1000 * max(dt - ttft, 0) / max(spec["output_len"] - 1, 1),
                "peak_memory_mb": torch.cuda.max_memory_allocated() / 2**20 if gpu else peak_rss_mb()}
         print("ROW " + json.dumps(row), flush=True)
 
 
-def _run_hf_loop(pair: dict, args) -> list[dict]:
+def _run_hf_loop(pair: dict, args, batch_sizes=None, **job_extra) -> list[dict]:
     """The HF-loop rows, measured in a fresh process: the in-process vLLM engine leaves thread
     bindings behind that slow plain PyTorch down, which would flatter vLLM."""
     import json
     import subprocess
     import sys
 
-    job = json.dumps({"pair": pair, "batch_sizes": args.batch_sizes, "prompt_len": args.prompt_len,
-                      "output_len": args.output_len, "repeats": args.repeats})
+    job = json.dumps({"pair": pair, "batch_sizes": batch_sizes or args.batch_sizes, "prompt_len": args.prompt_len,
+                      "output_len": args.output_len, "repeats": args.repeats, **job_extra})
     out = subprocess.run([sys.executable, "-m", "benchmarks.throughput", "--hf-loop-worker", job],
                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
     rows = [json.loads(x[4:]) for x in out.stdout.splitlines() if x.startswith("ROW ")]
@@ -235,14 +252,148 @@ def _ratios(rows: list[dict], batch_sizes, limit_ratio: float) -> list[dict]:
             if ("guided", b) in by and ("hf_loop", b) in by:
                 entry["guided_over_hf_loop"] = by[("guided", b)] / by[("hf_loop", b)]
             entry["guided_over_plain_vs_limit"] = entry.get("guided_over_plain", 0) / limit_ratio
+            tpot = {(r["mode"], r["batch_size"]): r["tpot_ms"] for r in rows}
+            if ("guided", b) in tpot:  # the plugin's cost per step beyond plain decoding
+                entry["guided_minus_plain_tpot_ms"] = tpot[("guided", b)] - tpot[("plain", b)]
             ratios.append(entry)
     return ratios
+
+
+def build_real_doctors(root: Path, patient: str, cut_layers: int) -> dict:
+    """Doctors of real shape for the real patient: a random LoRA adapter on its weights, and its
+    first ``cut_layers`` layers as a full doctor; returns ``{name: checkpoint}``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from llmdoctor_train.real.cut import cut_layers as cut
+    from llmdoctor_train.toy.models import build_tiny_doctor
+    from llmdoctor_vllm.checkpoint import save_doctor
+    from llmdoctor_vllm.value_head import ValueHead
+
+    tok = AutoTokenizer.from_pretrained(patient)
+    out = {"lora": build_tiny_doctor(tok, root / "lora", seed=1, lora_base=patient,
+                                     trained_for="benchmark (random LoRA adapter)")}
+    base = cut(patient, cut_layers, root / "cut_base")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    save_doctor(root / "cut", model, tok, ValueHead(model.config.hidden_size),
+                trained_for=f"benchmark (first {cut_layers} layers, untrained)")
+    out["cut"] = str(root / "cut")
+    return out
+
+
+def _real_shape(config, layers=None) -> tuple:
+    """The shape tuple of :func:`benchmarks.common.forward_flops_per_token` for an HF config."""
+    return (config.hidden_size, layers or config.num_hidden_layers, config.num_attention_heads,
+            config.num_key_value_heads, config.intermediate_size, config.vocab_size)
+
+
+def run_real(args) -> dict:
+    """guided/plain on the real patient, one doctor at a time, and the HF loop (see the module doc)."""
+    import torch
+    from transformers import AutoConfig
+    from vllm import LLM
+
+    from benchmarks.common import command_line, current_rss_mb, device_name, forward_flops_per_token, peak_rss_mb
+    from llmdoctor_train.real import smollm2_path
+
+    patient = str(smollm2_path())
+    if args.threads:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0" if args.threads == 1 else f"0-{args.threads - 1}"
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="llmdoctor-bench-real-"))
+    doctors = build_real_doctors(work, patient, args.cut_layers)
+    doctors.update({k: v for k, v in (("lora", args.lora_doctor), ("cut", args.cut_doctor)) if v})
+    cfg = AutoConfig.from_pretrained(patient)
+    c_p = forward_flops_per_token(_real_shape(cfg))
+    c_d = {"lora": c_p, "cut": forward_flops_per_token(_real_shape(cfg, args.cut_layers))}
+    limits = {name: 1.0 / (1.0 + c_d[name] / c_p) for name in doctors}
+    max_b = max(args.batch_sizes)
+    max_len = args.prompt_len + args.output_len + 16
+    kv_bytes = 512 << 20
+    rss0 = current_rss_mb()
+    llm = LLM(model=patient, dtype="float32", enforce_eager=True, max_num_seqs=max(max_b, 8),
+              kv_cache_memory_bytes=kv_bytes, max_model_len=max_len, seed=0, enable_chunked_prefill=False,
+              additional_config={"llmdoctor": {"doctors": doctors, "beta": 0.0}})
+    engine_rss = current_rss_mb() - rss0
+    vocab = cfg.vocab_size
+    prompts_all = _prompts(max_b, args.prompt_len, vocab)
+    extras = {"plain": {}, "guided_lora": {"llmdoctor_beta_lora": 0.5}, "guided_cut": {"llmdoctor_beta_cut": 0.5}}
+    modes = []
+    for b in args.batch_sizes:
+        timed = _time_vllm(llm, prompts_all[:b], extras, args.output_len, args.repeats)
+        for mode, (n, dt, ttft) in timed.items():
+            row = {"mode": mode, "batch_size": b, "output_tokens_per_s": n / dt, "ttft_s": ttft,
+                   "tpot_ms": 1000 * max(dt - ttft, 0) / max(args.output_len - 1, 1), "peak_rss_mb": peak_rss_mb()}
+            modes.append(row)
+            print(row, flush=True)
+    from llmdoctor_vllm.processor import active_processors
+
+    procs = active_processors()
+    pools = {d.name: d.runner.kv_bytes / 2**20 for d in procs[0].core.doctors} if procs else {}
+    del llm
+    hf_batches = [b for b in args.batch_sizes if b <= args.hf_loop_max_batch]
+    if hf_batches:
+        pair = {"patient": patient, "doctors": doctors}
+        modes += _run_hf_loop(pair, args, hf_batches, doctor="lora", mode="hf_loop_lora", vocab=vocab,
+                              threads=args.threads)
+    by = {(r["mode"], r["batch_size"]): r for r in modes}
+    rows = []
+    for name in doctors:
+        for b in args.batch_sizes:
+            plain, guided = by[("plain", b)], by[(f"guided_{name}", b)]
+            row = {"doctor": name, "batch": b, "guided_over_plain": guided["output_tokens_per_s"] /
+                   plain["output_tokens_per_s"], "limit_ratio": limits[name]}
+            row["guided_over_plain_vs_limit"] = row["guided_over_plain"] / limits[name]
+            row["guided_minus_plain_tpot_ms"] = guided["tpot_ms"] - plain["tpot_ms"]
+            hf = by.get((f"hf_loop_{name}", b))
+            if hf:
+                row["guided_over_hf_loop"] = guided["output_tokens_per_s"] / hf["output_tokens_per_s"]
+            rows.append(row)
+    return {"pair": {"patient": "SmolLM2-135M-Instruct", "device": device_name(), "dtype": "float32",
+                     "patient_flops_per_token": c_p, "doctor_flops_per_token": c_d, "cut_layers": args.cut_layers,
+                     "doctors": {k: str(v) for k, v in doctors.items()}},
+            "prompt_len": args.prompt_len, "output_len": args.output_len, "decoding": "greedy", "threads": args.threads,
+            "rows": rows, "modes": modes,
+            "memory": {"patient_kv_cache_mib": kv_bytes / 2**20, "doctor_kv_pool_mib": pools,
+                       "engine_rss_mib_above_start": engine_rss, "peak_rss_mib": peak_rss_mb()}}
+
+
+def plot_real(result, path: Path):
+    """guided/plain per batch size for each doctor, against its limit and 0.9 x the limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for i, name in enumerate(sorted({r["doctor"] for r in result["rows"]})):
+        rows = [r for r in result["rows"] if r["doctor"] == name]
+        xs = [r["batch"] for r in rows]
+        line, = ax.plot(xs, [r["guided_over_plain"] for r in rows], "o-", label=f"{name} doctor: guided / plain")
+        ax.axhline(rows[0]["limit_ratio"], color=line.get_color(), ls="--", lw=1, label=f"{name}: FLOP limit")
+        ax.axhline(0.9 * rows[0]["limit_ratio"], color=line.get_color(), ls=":", lw=1, label=f"{name}: 0.9 x limit")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("output tokens/s, guided over plain")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"SmolLM2-135M patient, {result['output_len']} tokens greedy ({result['pair']['device']})")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.hf_loop_worker:
         return hf_loop_worker(args.hf_loop_worker)
+    if args.shapes == "smollm2":
+        from benchmarks.common import command_line, write_results
+
+        result = run_real(args)
+        path = write_results(args.output, result, args.output_dir, command_line(__file__, argv))
+        plot_real(result, path.with_suffix(".png"))
+        print(f"wrote {path} and {path.with_suffix('.png')}")
+        for r in result["rows"]:
+            print(r)
+        return
     import torch
     from vllm import LLM
 

@@ -164,7 +164,7 @@ class StaticDecode:
         read = torch.where(mask & valid[:, None], read, r.zero_row).view(-1)
         write = torch.where(valid, tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs, r.sink_row)
         on = on.to(r.dtype)[:, None] if d.lora else None
-        cos, sin = rope_tables(d, r.cos.index_select(0, pos), r.sin.index_select(0, pos))
+        cos, sin = rope_tables(d, r.cos.index_select(0, pos), r.sin_signed.index_select(0, pos))
         mask = additive_mask(mask[:, None, None], r.dtype)
 
         def attend(li, q, kv_new):

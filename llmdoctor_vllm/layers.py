@@ -272,15 +272,15 @@ def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def rope_tables(d: Decoder, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_tables(d: Decoder, cos: torch.Tensor, sin_signed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rotary tables ``[T, heads + 2 kv_heads, head_dim]`` over a layer's fused q/k/v heads
-    (the value heads get the identity), from ``cos``/``sin`` ``[T, head_dim]``: built once per
-    step, so each layer rotates its queries and keys in one pass."""
+    (the value heads get the identity), from ``cos``/``sin_signed`` ``[T, head_dim]`` (see
+    :func:`signed_sin`): built once per step, so each layer rotates its queries and keys in one pass."""
     T, nq, nkv = cos.shape[0], d.num_heads, d.num_kv_heads
     ones = cos.new_ones(()).expand(T, nkv, cos.shape[-1])
     zeros = cos.new_zeros(()).expand(T, nkv, cos.shape[-1])
     c = torch.cat([cos[:, None].expand(T, nq + nkv, -1), ones], dim=1)
-    s = torch.cat([signed_sin(sin)[:, None].expand(T, nq + nkv, -1), zeros], dim=1)
+    s = torch.cat([sin_signed[:, None].expand(T, nq + nkv, -1), zeros], dim=1)
     return c, s
 
 

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from llmdoctor_vllm.device import to_device, to_device_many
-from llmdoctor_vllm.layers import Decoder, additive_mask, forward_layers, rms_norm, rope_tables, unwrap_decoder
+from llmdoctor_vllm.layers import Decoder, additive_mask, forward_layers, rms_norm, rope_tables, signed_sin, unwrap_decoder
 from llmdoctor_vllm.packing import plan_step
 
 
@@ -111,7 +111,7 @@ class DoctorRunner:
             probe = torch.zeros(1, device=self.device, dtype=dtype)
             cos, sin = d.rotary(probe, torch.arange(max_len, device=self.device)[None])
             self.arange = torch.arange(max(max_len, 1) + _CUDA_KEY_BUCKET, device=self.device)
-        self.cos, self.sin = cos[0], sin[0]
+        self.cos, self.sin_signed = cos[0], signed_sin(sin[0])
         self.key_bucket = _CUDA_KEY_BUCKET if self.device.type == "cuda" else 1
         self.static = None  # decode-only steps in static buckets (see enable_static_decode)
 
@@ -266,7 +266,7 @@ class DoctorRunner:
         """The decoder over one pass's packed tokens; returns their last hidden states ``[P, hidden]``."""
         d = self.dec
         P, nq = ids.shape[0], d.num_heads * d.head_dim
-        cos, sin = rope_tables(d, self.cos.index_select(0, pos), self.sin.index_select(0, pos))
+        cos, sin = rope_tables(d, self.cos.index_select(0, pos), self.sin_signed.index_select(0, pos))
 
         def attend(li, q, kv_new):
             pool = self.kv[li]
