@@ -167,9 +167,8 @@ def judge_all(judge_dir: str | None, store: Store, replies: list[tuple[qm.Settin
     prompts, keyed ``"i\\treply"`` (kept in ``store``)."""
     from benchmarks.quality.judge import Judge, judge_path
 
-    judged = store.judged
     todo = sorted({f"{i}\t{t}" for _, runs in replies for r in runs for i, t in enumerate(r["texts"][:n_judged])}
-                  - set(judged))
+                  - set(store.judged))
     if todo:
         judge = Judge(judge_dir or judge_path())
         t0 = time.perf_counter()
@@ -177,7 +176,7 @@ def judge_all(judge_dir: str | None, store: Store, replies: list[tuple[qm.Settin
             chunk = todo[b:b + 32]
             lps = judge.token_logprobs([prompts[int(k.split("\t", 1)[0])] for k in chunk],
                                        [k.split("\t", 1)[1] for k in chunk])
-            judged |= dict(zip(chunk, lps))
+            store.judged |= dict(zip(chunk, lps))
             store.save_judged()
         _say(f"  judged {len(todo)} replies in {time.perf_counter() - t0:.0f} s")
     return store.judged
