@@ -14,6 +14,29 @@ ENGINE_KW = engine_kwargs(kv_cache_memory_bytes=16 << 20, max_model_len=256, max
 PROMPTS = ["The cat kindly", "A dog quickly helps", "Our team", "The teacher writes a letter. My friend"]
 
 
+V2_MAX_REQS, V2_MAX_LEN = 4, 256
+
+
+def v2_processor(tiny):
+    """The plugin under Model Runner V2's interface on CPU, over the tiny pair's doctors (default β 0):
+    ``(processor, token table)``, the table standing in for the runner's per-slot token ids on the device."""
+    from types import SimpleNamespace
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcRequestState
+
+    from llmdoctor_vllm.processor import GuidanceLogitsProcessor
+
+    cfg = {"llmdoctor": {"doctors": tiny["doctors"], "beta": 0.0}}
+    vllm_config = EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=V2_MAX_LEN,
+                             max_num_seqs=V2_MAX_REQS, enforce_eager=True,
+                             additional_config=cfg).create_engine_config()
+    table = SimpleNamespace(gpu=torch.zeros((V2_MAX_REQS, V2_MAX_LEN), dtype=torch.int32))
+    state = LogitsProcRequestState(device=torch.device("cpu"), max_num_reqs=V2_MAX_REQS, vocab_size=384,
+                                   all_token_ids=table, prompt_len=None, prefill_len=None, total_len=None)
+    return GuidanceLogitsProcessor(vllm_config, state), table
+
+
 def sp(**kw):
     """``SamplingParams``: greedy, 16 tokens unless told; ``guide={"beta": ...}`` becomes ``llmdoctor_*`` args."""
     from vllm import SamplingParams

