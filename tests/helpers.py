@@ -90,3 +90,18 @@ def guided_scores(patient, doctors, prompt_ids, output_ids, alpha=1.0, betas=Non
         probs = lp.exp().masked_fill(torch.isneginf(out), 0.0)
         out[probs < patient_min_p * probs.max(dim=-1, keepdim=True).values] = float("-inf")
     return out
+
+
+def v2_context(slots, lens, table):
+    """The ``LogitsContext`` MRV2's sampler passes for one step: rows ``slots`` with ``lens`` tokens each,
+    the last of them (the token fed this step) read from ``table``."""
+    import numpy as np
+    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
+
+    slots = np.asarray(slots, dtype=np.int32)
+    lens = np.asarray(lens, dtype=np.int32)
+    inputs = table.gpu[torch.from_numpy(slots).long(), torch.from_numpy(lens - 1).long()]
+    idx = torch.from_numpy(slots)
+    return LogitsContext(expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=slots,
+                         expanded_local_pos=torch.zeros(len(slots), dtype=torch.int32), input_ids=inputs,
+                         pos=torch.from_numpy(lens - 1), seq_lens_upper_bound_np=lens)

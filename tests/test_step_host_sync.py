@@ -5,11 +5,10 @@ after a doctor fault. Recorded with :class:`tests.host_sync.HostSyncRecorder` on
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from tests.helpers import PROMPTS, sp, V2_MAX_LEN, V2_MAX_REQS, v2_processor
+from tests.helpers import PROMPTS, sp, V2_MAX_LEN, V2_MAX_REQS, v2_context, v2_processor
 from tests.host_sync import HostSyncRecorder
 
 MAX_REQS, MAX_LEN = V2_MAX_REQS, V2_MAX_LEN
@@ -18,18 +17,6 @@ MAX_REQS, MAX_LEN = V2_MAX_REQS, V2_MAX_LEN
 @pytest.fixture()
 def v2(tiny):
     return v2_processor(tiny)
-
-
-def _ctx(slots, lens, table):
-    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
-
-    slots = np.asarray(slots, dtype=np.int32)
-    lens = np.asarray(lens, dtype=np.int32)
-    inputs = table.gpu[torch.from_numpy(slots).long(), torch.from_numpy(lens - 1).long()]
-    idx = torch.from_numpy(slots)
-    return LogitsContext(expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=slots,
-                         expanded_local_pos=torch.zeros(len(slots), dtype=torch.int32), input_ids=inputs,
-                         pos=torch.from_numpy(lens - 1), seq_lens_upper_bound_np=lens)
 
 
 def _guides():
@@ -51,7 +38,7 @@ def test_v2_step_waits_for_nothing(v2, tiny, monkeypatch):
 
     def step(record: bool):
         logits = torch.randn(len(slots), 384)
-        ctx = _ctx(slots, [len(seqs[s]) for s in slots], table)
+        ctx = v2_context(slots, [len(seqs[s]) for s in slots], table)
         if not record:
             return proc.apply(logits, ctx), None
         with HostSyncRecorder() as rec:

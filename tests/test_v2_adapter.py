@@ -9,11 +9,10 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 
-from tests.helpers import PROMPTS, run, sp, V2_MAX_LEN, V2_MAX_REQS, v2_processor
+from tests.helpers import PROMPTS, run, sp, V2_MAX_LEN, V2_MAX_REQS, v2_context, v2_processor
 
 MAX_REQS, MAX_LEN = V2_MAX_REQS, V2_MAX_LEN
 
@@ -23,18 +22,6 @@ def v2(tiny):
     proc, table = v2_processor(tiny)
     assert proc.v2 and proc.core is not None
     return proc, table
-
-
-def _ctx(slots, lens, table):
-    from vllm.v1.worker.gpu.sample.logits_processor.interface import LogitsContext
-
-    slots = np.asarray(slots, dtype=np.int32)
-    lens = np.asarray(lens, dtype=np.int32)
-    inputs = table.gpu[torch.from_numpy(slots).long(), torch.from_numpy(lens - 1).long()]
-    idx = torch.from_numpy(slots)
-    return LogitsContext(expanded_idx_mapping=idx, idx_mapping=idx, idx_mapping_np=slots,
-                         expanded_local_pos=torch.zeros(len(slots), dtype=torch.int32), input_ids=inputs,
-                         pos=torch.from_numpy(lens - 1), seq_lens_upper_bound_np=lens)
 
 
 def test_v2_adapter_steers_like_the_v1_engine(v2, tiny, engine, hf_models):
@@ -63,7 +50,7 @@ def test_v2_adapter_steers_like_the_v1_engine(v2, tiny, engine, hf_models):
         logits = torch.cat([logits, torch.randn(1, logits.shape[1])])  # a row of the declined request
         ctx_slots = [slots[i] for i in active] + [3]
         table.gpu[3, :2] = torch.tensor([5, 6])
-        out = proc.apply(logits.clone(), _ctx(ctx_slots, lens + [2], table))
+        out = proc.apply(logits.clone(), v2_context(ctx_slots, lens + [2], table))
         assert torch.equal(out[-1], logits[-1])  # declined rows untouched
         for row, i in enumerate(active):
             tok = int(out[row].argmax())
@@ -81,7 +68,7 @@ def test_v2_adapter_steers_like_the_v1_engine(v2, tiny, engine, hf_models):
     for _ in range(len(want[0])):
         with torch.no_grad():
             logits = patient(torch.tensor([ids])).logits[0, -1:].float()
-        tok = int(proc.apply(logits, _ctx([2], [len(ids)], table))[0].argmax())
+        tok = int(proc.apply(logits, v2_context([2], [len(ids)], table))[0].argmax())
         table.gpu[2, len(ids)] = tok
         ids.append(tok)
     assert ids[prompt_lens[0]:] == want[0]
