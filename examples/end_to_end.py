@@ -44,31 +44,31 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from llmdoctor_train.toy import pipeline as tp
+    from llmdoctor_train.toy import pipeline as toy
     from llmdoctor_train.toy.world import preference_gap
 
     root = Path(args.workdir or tempfile.mkdtemp(prefix="llmdoctor-e2e-")).resolve()
     root.mkdir(parents=True, exist_ok=True)
 
     print(f"[1/4] toy patient and preference pairs in {root}", flush=True)
-    built = tp.build_patient_and_pairs(root, patient_steps=args.patient_steps, pair_prompts=args.pair_prompts)
+    built = toy.build_patient_and_pairs(root, patient_steps=args.patient_steps, pair_prompts=args.pair_prompts)
     patient, prefs = built["patient"], built["prefs"]
-    print(f"      {tp.patient_summary(built)}")
+    print(f"      {toy.patient_summary(built)}")
     prefs.to_json(str(root / "prefs.jsonl"))
     print(f"      {len(prefs)} pairs (mean reward gap {preference_gap(prefs):.2f}) -> {root / 'prefs.jsonl'}")
 
     print("[2/4] Stage 1: token rewards from the patient in vLLM", flush=True)
-    tp.run_llmdoctor(tp.rewards_command(root / "prefs.jsonl", patient, root / "rewards"), threads=None, echo=True)
+    toy.run_llmdoctor(toy.rewards_command(root / "prefs.jsonl", patient, root / "rewards"), threads=None, echo=True)
 
     print("[3/4] Stage 2: a LoRA doctor on the patient's weights, trained with TFPO", flush=True)
-    tp.run_llmdoctor(tp.train_command(root / "rewards", patient, root / "doctor", steps=args.train_steps,
+    toy.run_llmdoctor(toy.train_command(root / "rewards", patient, root / "doctor", steps=args.train_steps,
                                      learning_rate=args.learning_rate, weighting=args.weighting), echo=True)
 
     print(f"[4/4] Stage 3: plain vs guided decoding in one engine ({args.rule} rule)", flush=True)
-    llm = tp.guided_engine(patient, {"good": str(root / "doctor")})
-    prompts = tp.eval_prompts(args.eval_prompts)
-    results = tp.compare(llm, prompts, tp.guidance_settings(args.beta, [args.rule]))
-    return tp.report(prompts, results, show=1) | {"workdir": str(root)}
+    llm = toy.guided_engine(patient, {"good": str(root / "doctor")})
+    prompts = toy.eval_prompts(args.eval_prompts)
+    results = toy.compare(llm, prompts, toy.guidance_settings(args.beta, [args.rule]))
+    return toy.report(prompts, results, show=1) | {"workdir": str(root)}
 
 
 if __name__ == "__main__":

@@ -7,18 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Qwen2Config
 
+from llmdoctor_train.toy.models import build_tiny_lm
 from llmdoctor_vllm.packing import plan_step
 from llmdoctor_vllm.runner import DoctorRunner
 
 
 @pytest.fixture(scope="module")
 def doctor():
-    torch.manual_seed(0)
-    cfg = Qwen2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      intermediate_size=128, vocab_size=96, max_position_embeddings=512, tie_word_embeddings=False)
-    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    return build_tiny_lm(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                         vocab_size=96, max_position_embeddings=512, lm_head_std=None, seed=0)
 
 
 @pytest.mark.parametrize("key_bucket", [1, 64])  # 64: keys read in rounded lengths, as on CUDA

@@ -26,25 +26,25 @@ def run_demo(workdir: str | None = None, betas=(1.0, 2.0), train_steps: int = 30
              rules=("product", "delta"), patient_min_p: float = 0.05) -> dict:
     """Runs the five steps above and prints plain vs guided replies with their rewards."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines start in seconds
-    from llmdoctor_train.toy import pipeline as tp
+    from llmdoctor_train.toy import pipeline as toy
 
     root = Path(workdir or tempfile.mkdtemp(prefix="llmdoctor-demo-")).resolve()
     _say(f"1/5 training a tiny instruction-following patient in {root}")
     _say("2/5 sampling preference pairs from the patient, ranked by the task reward")
-    built = tp.build_patient_and_pairs(root)
+    built = toy.build_patient_and_pairs(root)
     patient, prefs = built["patient"], built["prefs"]
-    print(f"    {tp.patient_summary(built)}")
+    print(f"    {toy.patient_summary(built)}")
     print(f"    {len(prefs)} pairs, mean reward gap {preference_gap(prefs):.2f}")
 
     _say("3/5 Stage 1: token rewards from the patient in vLLM (positive vs negative instruction)")
-    summary = tp.score_pairs(prefs, patient, root / "rewards")
+    summary = toy.score_pairs(prefs, patient, root / "rewards")
     print(f"    {summary['tokens']} tokens, fraction rewarded {summary['fraction_rewarded']:.2f}")
 
     _say(f"4/5 Stage 2: TFPO, a LoRA doctor on the patient's weights, {train_steps} steps")
-    tp.run_llmdoctor(tp.train_command(root / "rewards", patient, root / "doctor", steps=train_steps))
+    toy.run_llmdoctor(toy.train_command(root / "rewards", patient, root / "doctor", steps=train_steps))
 
     _say("5/5 Stage 3: plain vs guided decoding in one vLLM engine")
-    llm = tp.guided_engine(patient, {"good": str(root / "doctor")})
-    prompts = tp.eval_prompts(n_eval)
-    settings = tp.guidance_settings(betas, rules, patient_min_p)
-    return tp.report(prompts, tp.compare(llm, prompts, settings)) | {"workdir": str(root)}
+    llm = toy.guided_engine(patient, {"good": str(root / "doctor")})
+    prompts = toy.eval_prompts(n_eval)
+    settings = toy.guidance_settings(betas, rules, patient_min_p)
+    return toy.report(prompts, toy.compare(llm, prompts, settings)) | {"workdir": str(root)}

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.quality.baselines import check_keys, number
-from benchmarks.quality.baselines.slots import SlotProcessor
+from benchmarks.quality.baselines.slot_processor import SlotProcessor
 
 logger = logging.getLogger("llmdoctor_vllm")
 
