@@ -9,7 +9,7 @@
 
 Nothing is downloaded. The two commands run in this process through ``llmdoctor_train.cli.main``
 with the same arguments as on the shell (each is printed before it runs). Every step is a
-function of ``llmdoctor_train.toy.pipeline``, the same ones the demo and the quality benchmark run.
+function of ``llmdoctor_train.toy.pipeline``, the same ones `llmdoctor demo --toy` runs.
 
     python examples/end_to_end.py                              # ~3-5 min on 2 CPU cores
     python examples/end_to_end.py --workdir runs/e2e --train-steps 600 --beta 0.5 1 2 --rule product
@@ -33,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="prompts sampled for preference pairs; ties are dropped (256)")
     p.add_argument("--train-steps", type=int, default=300, help="TFPO steps of the doctor (300)")
     p.add_argument("--weighting", default="trajectory", choices=["all", "lambda", "trajectory"],
-                   help="--subtb-weighting of llmdoctor train; trajectory fitted best on this toy (trajectory)")
+                   help="--subtb_weighting of llmdoctor train; trajectory fitted best on this toy (trajectory)")
     p.add_argument("--learning-rate", type=float, default=5e-4, help="doctor learning rate, LoRA r=8 (5e-4)")
     p.add_argument("--beta", type=float, nargs="+", default=[1.0, 2.0], help="doctor weights to decode with (1 2)")
     p.add_argument("--rule", default="delta", choices=["delta", "product"],
