@@ -6,6 +6,8 @@ import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process engines start in seconds
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# TRL sets VLLM_LOGGING_LEVEL=ERROR on import unless it is set; the plugin's INFO lines are tested
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO")
 
 import pytest  # noqa: E402
 
