@@ -14,7 +14,7 @@ import torch
 
 
 def combine(patient_logits: torch.Tensor, alpha: torch.Tensor, doctor_terms: torch.Tensor,
-            valid_vocab: int, log_min_p: torch.Tensor | None = None) -> torch.Tensor:
+            valid_vocab: int, log_min_p: torch.Tensor | None = None, any_zero_alpha: bool = True) -> torch.Tensor:
     """Guided scores for ``G`` rows.
 
     ``patient_logits`` ``[G, V]`` (``-inf`` where vLLM masked a token); ``alpha`` ``[G]`` (``>= 0``);
@@ -23,6 +23,8 @@ def combine(patient_logits: torch.Tensor, alpha: torch.Tensor, doctor_terms: tor
     the tokenizer) become ``-inf``.
     ``log_min_p`` ``[G]``: per row, ``log(patient_min_p)`` (``-inf``: the full vocabulary); ``None``
     when no row restricts it. The patient's top token among the first ``valid_vocab`` always stays.
+    ``any_zero_alpha=False`` (the caller knows no row has ``alpha == 0``) skips the pass that keeps
+    vLLM's masked tokens masked: with ``alpha > 0`` they are ``-inf`` already.
     """
     out = torch.log_softmax(patient_logits.float(), dim=-1)
     v = min(out.shape[1], doctor_terms.shape[1], valid_vocab)
@@ -36,4 +38,4 @@ def combine(patient_logits: torch.Tensor, alpha: torch.Tensor, doctor_terms: tor
         out.masked_fill_(outside, float("-inf"))
     # what vLLM masked before us (bad words, allowed tokens, min_tokens, grammars) stays masked,
     # whatever alpha is (0 * -inf would be NaN)
-    return out.masked_fill_(torch.isneginf(patient_logits), float("-inf"))
+    return out.masked_fill_(torch.isneginf(patient_logits), float("-inf")) if any_zero_alpha else out

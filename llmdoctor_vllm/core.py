@@ -417,10 +417,12 @@ class GuidanceCore:
         rows are blocked."""
         st = self.state
         rows_t, slots_t, alpha, log_min_p = self._batch_tensors(rows, slots, logits.device)
-        blocked = st.blocked.index_select(0, slots_t) | torch.isnan(terms).any(dim=1)
+        # a NaN anywhere in a row makes its sum NaN: one reduction instead of a [G, V] mask
+        blocked = st.blocked.index_select(0, slots_t) | torch.isnan(terms.sum(dim=1))
         st.blocked.index_copy_(0, slots_t, blocked)  # a row that could not be guided stays unguided
         patient = logits.index_select(0, rows_t)
-        guided = combine(patient, alpha, terms, self.valid_vocab, log_min_p).to(logits.dtype)
+        guided = combine(patient, alpha, terms, self.valid_vocab, log_min_p,
+                         any_zero_alpha=bool((st.alpha[slots] == 0).any())).to(logits.dtype)
         return torch.where(blocked[:, None], patient, guided), rows_t, blocked
 
     def _batch_tensors(self, rows: np.ndarray, slots: np.ndarray, dev: torch.device) -> tuple:

@@ -60,11 +60,13 @@ def _runs(starts: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def plan_step(n: np.ndarray, cached: np.ndarray, tables: np.ndarray, block_size: int, *, prefill_chunk_tokens: int,
-              q_tile: int, score_budget: int, num_heads: int, key_bucket: int = 1, pad_row: int = 0) -> StepPlan:
+              q_tile: int, score_budget: int, num_heads: int, key_bucket: int = 1, pad_row: int = 0,
+              tiles: bool = True) -> StepPlan:
     """Lays out a step that feeds ``n[i]`` new tokens to stream ``i`` (which holds ``cached[i]``).
 
     ``tables[i]`` is stream ``i``'s block table. Streams with fewer new tokens go first, so the
-    decodes of a step share its first pass.
+    decodes of a step share its first pass. ``tiles=False`` leaves the passes without tile groups
+    (an attention kernel that reads the block tables itself needs none).
     """
     n = np.asarray(n, dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(n)])  # where each stream's ids start in the caller's flat ids
@@ -87,7 +89,7 @@ def plan_step(n: np.ndarray, cached: np.ndarray, tables: np.ndarray, block_size:
         new_tile[1:] = (st[1:] != st[:-1]) | (jj[1:] % q_tile == 0)
         t_start, t_len = _runs(new_tile, b - a)
         groups = []
-        for sel in (t_len == 1, t_len > 1):
+        for sel in (t_len == 1, t_len > 1) if tiles else ():
             if sel.any():
                 groups += _groups(t_start[sel], t_len[sel], st, pos[a:b], tables, block_size, score_budget,
                                   num_heads, key_bucket, b - a, pad_row)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from llmdoctor_vllm.cpu_attention import CpuPagedAttention
 from llmdoctor_vllm.device import to_device, to_device_many
 from llmdoctor_vllm.layers import Decoder, additive_mask, forward_layers, rms_norm, rope_tables, signed_sin, unwrap_decoder
 from llmdoctor_vllm.packing import plan_step
@@ -72,12 +73,14 @@ class DoctorRunner:
     streams alive at once; ``max_len`` the longest stream. ``prefill_chunk_tokens`` bounds the
     tokens of one forward (a longer feed, such as a long prompt, runs as several passes), and
     ``score_budget`` the attention scores held at once, so the step's activation memory does not
-    grow with the prompt length.
+    grow with the prompt length. ``attention``: ``"auto"`` runs vLLM's CPU paged-attention kernel
+    where it can (:mod:`llmdoctor_vllm.cpu_attention`), SDPA over gathered keys elsewhere;
+    ``"sdpa"`` always the latter.
     """
 
     def __init__(self, model, *, device, dtype, cache_tokens: int, max_streams: int, max_len: int,
                  block_size: int = 16, prefill_chunk_tokens: int = 2048, q_tile: int = 256,
-                 score_budget: int = 1 << 25):
+                 score_budget: int = 1 << 25, attention: str = "auto"):
         self.model = model
         self.device = torch.device(device)
         self.dec: Decoder = unwrap_decoder(model, cpu_kernels=self.device.type == "cpu")
@@ -87,10 +90,17 @@ class DoctorRunner:
         self.budget_tokens = self.num_blocks * block_size
         self.prefill_chunk_tokens, self.q_tile, self.score_budget = prefill_chunk_tokens, q_tile, score_budget
         d = self.dec
-        # Per layer, rows of (key, value) for every cached token, and two rows past the budget: a
-        # sink that the padded rows of a static step write to, and a zero row that masked reads hit.
-        self.kv = torch.zeros((len(d.layers), self.budget_tokens + 2, 2, d.num_kv_heads, d.head_dim),
-                              device=self.device, dtype=dtype)
+        if attention not in ("auto", "sdpa"):
+            raise ValueError(f"llmdoctor: attention must be 'auto' or 'sdpa', not {attention!r}")
+        self.paged = CpuPagedAttention.for_decoder(d, dtype, block_size, self.device) if attention == "auto" else None
+        if self.paged is not None:  # vLLM's CPU kernel over the pool in its own block layout
+            self.kv = torch.zeros(self.paged.pool_shape(len(d.layers), self.num_blocks), device=self.device,
+                                  dtype=dtype)
+        else:
+            # Per layer, rows of (key, value) for every cached token, and two rows past the budget: a
+            # sink that the padded rows of a static step write to, and a zero row that masked reads hit.
+            self.kv = torch.zeros((len(d.layers), self.budget_tokens + 2, 2, d.num_kv_heads, d.head_dim),
+                                  device=self.device, dtype=dtype)
         self.sink_row, self.zero_row = self.budget_tokens, self.budget_tokens + 1
         self.max_blocks_per_stream = -(-max_len // block_size)
         self.block_table = np.zeros((max_streams, self.max_blocks_per_stream), dtype=np.int64)
@@ -180,6 +190,8 @@ class DoctorRunner:
         cols = self.num_stream_blocks[owner] + np.arange(n) - np.repeat(np.cumsum(k) - k, k)
         self.block_table[owner, cols] = blocks
         self.num_stream_blocks[sids[grow]] += k
+        if self.paged is not None:  # the kernel reads whole blocks: nothing a last owner left may remain
+            self.kv.index_fill_(1, torch.from_numpy(blocks), 0)
         if self.table_dev is not None:
             flat_t, blocks_t = to_device_many([owner * self.max_blocks_per_stream + cols, blocks], self.device)
             self.table_dev.view(-1).index_copy_(0, flat_t, blocks_t)
@@ -192,8 +204,10 @@ class DoctorRunner:
         return ids.clamp(0, top)
 
     def _guard(self, logprobs: torch.Tensor, sids_t: torch.Tensor) -> torch.Tensor:
-        """NaN rows for poisoned streams: the caller cannot guide them."""
-        return torch.where(self.poisoned.index_select(0, sids_t)[:, None] > 0, float("nan"), logprobs)
+        """NaN rows for poisoned streams: the caller cannot guide them. (An in-place add of a per-row
+        0 or NaN: on CPU several times cheaper than a ``where`` over ``[rows, vocab]``.)"""
+        nan_or_zero = torch.where(self.poisoned.index_select(0, sids_t) > 0, float("nan"), 0.0)
+        return logprobs.add_(nan_or_zero.to(logprobs.dtype)[:, None])
 
     @torch.inference_mode()
     def step(self, sids: np.ndarray, tokens, adapter_off: np.ndarray | None = None) -> torch.Tensor:
@@ -225,10 +239,11 @@ class DoctorRunner:
     def _packed_step(self, sids, counts, ids, cached, lora_off):
         """The packed forward of a step: ``(log-probs, sids on the device)``."""
         d, dev = self.dec, self.device
-        plan = plan_step(counts, cached, self.block_table[sids], self.block_size,
+        tables = self.block_table[sids]
+        plan = plan_step(counts, cached, tables, self.block_size,
                          prefill_chunk_tokens=self.prefill_chunk_tokens, q_tile=self.q_tile,
                          score_budget=self.score_budget, num_heads=d.num_heads, key_bucket=self.key_bucket,
-                         pad_row=self.zero_row)
+                         pad_row=self.zero_row, tiles=self.paged is None)
         host_ids = not isinstance(ids, torch.Tensor)
         # every index tensor of the step, laid out here and uploaded in one transfer
         arrays = [sids, plan.pos, plan.write, sids[plan.stream],
@@ -256,17 +271,25 @@ class DoctorRunner:
                 mask = additive_mask((self.arange[:L] <= q_pos[:, :, None])[:, None], self.dtype)
                 groups.append(_Group((G, Q, L), q_index, read, mask, valid, scatter_to, g.identity))
             s = slice(p.start, p.end)
+            if self.paged is not None:
+                groups = self.paged.layout(plan.stream[s], plan.pos[s], tables)
             h = self._forward_pass(groups, tok_ids[s], pos_t[s], write_t[s], None if tok_on is None else tok_on[s])
             self.last_hidden.index_copy_(0, last_sid_t, h.index_select(0, last_t))
         last = self.last_hidden.index_select(0, sids_t)
         logits = d.lm_head(rms_norm(d.norm, last, d.cpu_ops), on_rows)
         return torch.log_softmax(logits.float(), dim=-1), sids_t
 
-    def _forward_pass(self, groups: list[_Group], ids, pos, write, on):
-        """The decoder over one pass's packed tokens; returns their last hidden states ``[P, hidden]``."""
+    def _forward_pass(self, groups, ids, pos, write, on):
+        """The decoder over one pass's packed tokens; returns their last hidden states ``[P, hidden]``.
+        ``groups``: the pass's tile groups (SDPA), or its :class:`~llmdoctor_vllm.cpu_attention.PassLayout`."""
         d = self.dec
         P, nq = ids.shape[0], d.num_heads * d.head_dim
         cos, sin = rope_tables(d, self.cos.index_select(0, pos), self.sin_signed.index_select(0, pos))
+        if self.paged is not None:
+            def paged(li, q, kv_new):
+                return self.paged(self.kv[li], groups, q, kv_new, write, d.layers[li].scaling)
+
+            return forward_layers(d, d.embed(ids), cos, sin, on, paged)
 
         def attend(li, q, kv_new):
             pool = self.kv[li]

@@ -11,6 +11,7 @@ the private structure it reads is not there, and its caller says in the log what
   shares with the processor's view (``gc.get_referrers``).
 - :func:`join_output_thread`: the multi-process client's ``engine_core.output_queue_thread``.
 - :func:`is_last_pipeline_stage`: vLLM's pipeline-parallel group.
+- :func:`cpu_attention_isa`: the CPU attention backend's choice of kernel variant.
 """
 
 from __future__ import annotations
@@ -102,3 +103,16 @@ def is_last_pipeline_stage() -> bool:
 def pipeline_stages(vllm_config) -> int:
     """How many pipeline stages the engine runs (how many micro-batches take turns at the sampler)."""
     return max(1, int(getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1) or 1))
+
+
+def cpu_attention_isa(dtype, block_size: int, head_dim: int) -> str | None:
+    """The instruction set vLLM's CPU attention backend picks for this cache (its ``_get_attn_isa``),
+    or ``None`` where this vLLM has no such backend."""
+    try:
+        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+    except ImportError:
+        return None
+    try:
+        return _get_attn_isa(dtype, block_size, head_dim)
+    except (NotImplementedError, ValueError):
+        return None

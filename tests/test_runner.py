@@ -273,3 +273,98 @@ def test_nan_in_the_pool_reaches_no_other_stream(doctor, key_bucket, static):
             new = [rng.integers(0, 96, size=c).tolist() for c in counts]
             history = [h + t for h, t in zip(history, new)]
             torch.testing.assert_close(runner.step(sids, new), _full(doctor, history), atol=2e-5, rtol=0)
+
+
+# -- vLLM's CPU paged-attention kernel (a head size it takes: 32) --------------------------------
+
+@pytest.fixture(scope="module")
+def paged_doctor():
+    return build_tiny_lm(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128,
+                         vocab_size=96, max_position_embeddings=512, lm_head_std=None, seed=3)
+
+
+def _paged_runner(model, **kw) -> DoctorRunner:
+    runner = DoctorRunner(model, device="cpu", dtype=torch.float32, max_streams=4, max_len=160, **kw)
+    assert runner.paged is not None, "this vLLM CPU build should run the doctor's attention on its own kernel"
+    return runner
+
+
+@pytest.mark.parametrize("chunk", [2048, 7])  # 7: a prompt runs as several passes
+def test_cpu_kernel_steps_equal_full_forward(paged_doctor, chunk):
+    """With vLLM's CPU attention kernel: prompts, decodes, two-token feeds and idle streams, in one
+    pass or several, give the full forward's log-probs; the SDPA path (the GPU's) gives the same."""
+    runner = _paged_runner(paged_doctor, cache_tokens=512, block_size=16, prefill_chunk_tokens=chunk)
+    sdpa = DoctorRunner(paged_doctor, device="cpu", dtype=torch.float32, cache_tokens=512, max_streams=4,
+                        max_len=160, attention="sdpa")
+    assert sdpa.paged is None
+    rng = np.random.default_rng(7)
+    seqs = [rng.integers(0, 96, size=n).tolist() for n in (5, 33, 17)]
+    sids = np.array([runner.new_stream() for _ in seqs])
+    sdpa_sids = np.array([sdpa.new_stream() for _ in seqs])
+    history = [[] for _ in seqs]
+    feeds = [seqs] + [[rng.integers(0, 96, size=(1 + (i + j) % 2) * (j != 2 or i % 3)).tolist() for j in range(3)]
+                      for i in range(6)]
+    for new in feeds:
+        got = runner.step(sids, new)
+        history = [h + t for h, t in zip(history, new)]
+        torch.testing.assert_close(got, _full(paged_doctor, history), atol=2e-5, rtol=0)
+        torch.testing.assert_close(got, sdpa.step(sdpa_sids, new), atol=2e-5, rtol=0)
+
+
+def test_cpu_kernel_lora_rows_with_and_without_adapter(paged_doctor):
+    """The delta rule's adapter-off rows beside adapted rows, through the CPU kernel."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(4)
+    lora = get_peft_model(copy.deepcopy(paged_doctor), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                                  target_modules="all-linear")).eval()
+    runner = _paged_runner(lora, cache_tokens=512)
+    rng = np.random.default_rng(8)
+    off = np.array([False, True, True, False])
+    sids = np.array([runner.new_stream() for _ in range(4)])
+    history = [[] for _ in range(4)]
+    for new in [[rng.integers(0, 96, size=n).tolist() for n in (7, 12, 7, 3)], [[3], [4], [5], [6]],
+                [[7, 8], [9], [10, 11], [12]]]:
+        got = runner.step(sids, new, adapter_off=off)
+        history = [h + t for h, t in zip(history, new)]
+        with torch.inference_mode():
+            adapted = _full(lora, history)
+            with lora.disable_adapter():
+                base = _full(lora, history)
+        torch.testing.assert_close(got, torch.where(torch.from_numpy(off)[:, None], base, adapted), atol=2e-5, rtol=0)
+
+
+def test_cpu_kernel_nan_in_a_freed_block_reaches_no_other_stream(paged_doctor):
+    """The kernel reads whole blocks: NaN over every block no live stream holds, then a new stream
+    that takes those blocks (with keys past its end in its last block) stays finite and exact,
+    because a block is cleared when a stream takes it."""
+    runner = _paged_runner(paged_doctor, cache_tokens=256, block_size=16)
+    rng = np.random.default_rng(9)
+    first, long = runner.new_stream(), runner.new_stream()
+    history = [rng.integers(0, 96, size=n).tolist() for n in (60, 40)]
+    runner.step(np.array([first, long]), history)
+    runner.free_stream(first)
+    held = np.zeros(runner.num_blocks, dtype=bool)
+    held[runner.block_table[long, :runner.num_stream_blocks[long]]] = True
+    with torch.inference_mode():
+        runner.kv[:, torch.from_numpy(~held)] = float("nan")
+    short = runner.new_stream()
+    sids = np.array([short, long])
+    history = [[], history[1]]
+    for counts in [(3, 1), (1, 1), (20, 2), (1, 1)]:
+        new = [rng.integers(0, 96, size=c).tolist() for c in counts]
+        history = [h + t for h, t in zip(history, new)]
+        torch.testing.assert_close(runner.step(sids, new), _full(paged_doctor, history), atol=2e-5, rtol=0)
+
+
+def test_cpu_kernel_poisoned_stream(paged_doctor):
+    """An id the doctor cannot embed makes only its own stream's rows NaN under the CPU kernel too."""
+    runner = _paged_runner(paged_doctor, cache_tokens=512, block_size=16)
+    sids = np.array([runner.new_stream() for _ in range(2)])
+    history = [[1, 2, 3], [4, 5]]
+    runner.step(sids, history)
+    got = runner.step(sids, [[6], [500]])
+    assert torch.isnan(got[1]).all()
+    torch.testing.assert_close(got[0], _full(paged_doctor, [history[0] + [6]])[0], atol=2e-5, rtol=0)
