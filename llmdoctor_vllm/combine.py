@@ -17,7 +17,8 @@ def combine(patient_logits: torch.Tensor, alpha: torch.Tensor, doctor_terms: tor
             valid_vocab: int, log_min_p: torch.Tensor | None = None, any_zero_alpha: bool = True) -> torch.Tensor:
     """Guided scores for ``G`` rows.
 
-    ``patient_logits`` ``[G, V]`` (``-inf`` where vLLM masked a token); ``alpha`` ``[G]`` (``>= 0``);
+    ``patient_logits`` ``[G, V]`` (``-inf`` where vLLM masked a token); ``alpha`` ``[G]`` (``>= 0``;
+    ``None`` when every row's is 1);
     ``doctor_terms`` ``[G, V']`` the already beta-weighted sum of doctor log-probability terms
     (``V' >= valid_vocab``). Columns past ``valid_vocab`` (padding rows of the logits, no token of
     the tokenizer) become ``-inf``.
@@ -30,7 +31,8 @@ def combine(patient_logits: torch.Tensor, alpha: torch.Tensor, doctor_terms: tor
     v = min(out.shape[1], doctor_terms.shape[1], valid_vocab)
     # the support is measured against the top token the step can produce (one of the first v)
     outside = None if log_min_p is None else out < out[:, :v].amax(dim=-1, keepdim=True) + log_min_p[:, None]
-    out.mul_(alpha[:, None])
+    if alpha is not None:  # None: every row's alpha is 1
+        out.mul_(alpha[:, None])
     out[:, :v] += doctor_terms[:, :v]
     if v < out.shape[1]:
         out[:, v:] = float("-inf")

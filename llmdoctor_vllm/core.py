@@ -408,22 +408,28 @@ class GuidanceCore:
         except Exception as e:  # noqa: BLE001
             self._unguide(slots, f"combining the doctors' terms failed ({e!r})")
             return logits
-        logits[rows_t] = guided_rows  # the one write into vLLM's logits, after everything that can fail
+        # the one write into vLLM's logits, after everything that can fail
+        if rows_t is None:  # every row, in order
+            logits.copy_(guided_rows)
+        else:
+            logits[rows_t] = guided_rows
         self._watch_nan(bad, slots)
         return logits
 
     def _combine(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, terms: torch.Tensor):
-        """The guided rows (a NaN or blocked row: the patient's own), their row indices, and which
-        rows are blocked."""
+        """The guided rows (a NaN or blocked row: the patient's own), their row indices (``None``: every
+        row of ``logits``, in order), and which rows are blocked."""
         st = self.state
         rows_t, slots_t, alpha, log_min_p = self._batch_tensors(rows, slots, logits.device)
         # a NaN anywhere in a row makes its sum NaN: one reduction instead of a [G, V] mask
         blocked = st.blocked.index_select(0, slots_t) | torch.isnan(terms.sum(dim=1))
         st.blocked.index_copy_(0, slots_t, blocked)  # a row that could not be guided stays unguided
-        patient = logits.index_select(0, rows_t)
-        guided = combine(patient, alpha, terms, self.valid_vocab, log_min_p,
-                         any_zero_alpha=bool((st.alpha[slots] == 0).any())).to(logits.dtype)
-        return torch.where(blocked[:, None], patient, guided), rows_t, blocked
+        whole = len(rows) == logits.shape[0] and bool((rows == np.arange(len(rows))).all())
+        patient = logits if whole else logits.index_select(0, rows_t)
+        alphas = st.alpha[slots]
+        guided = combine(patient, None if (alphas == 1).all() else alpha, terms, self.valid_vocab, log_min_p,
+                         any_zero_alpha=bool((alphas == 0).any())).to(logits.dtype)
+        return torch.where(blocked[:, None], patient, guided), None if whole else rows_t, blocked
 
     def _batch_tensors(self, rows: np.ndarray, slots: np.ndarray, dev: torch.device) -> tuple:
         """``rows`` and ``slots`` on the device, and the slots' alpha and log(patient_min_p) (``None``

@@ -203,11 +203,10 @@ class DoctorRunner:
         self.poisoned.index_add_(0, stream_rows, ((ids < 0) | (ids > top)).to(torch.int32))
         return ids.clamp(0, top)
 
-    def _guard(self, logprobs: torch.Tensor, sids_t: torch.Tensor) -> torch.Tensor:
-        """NaN rows for poisoned streams: the caller cannot guide them. (An in-place add of a per-row
-        0 or NaN: on CPU several times cheaper than a ``where`` over ``[rows, vocab]``.)"""
-        nan_or_zero = torch.where(self.poisoned.index_select(0, sids_t) > 0, float("nan"), 0.0)
-        return logprobs.add_(nan_or_zero.to(logprobs.dtype)[:, None])
+    def _nan_if_poisoned(self, sids_t: torch.Tensor, dtype) -> torch.Tensor:
+        """Per stream, NaN if it is poisoned and 0 otherwise: added to a row, it makes the row NaN (the
+        caller cannot guide it) without a ``where`` over ``[rows, vocab]``."""
+        return torch.where(self.poisoned.index_select(0, sids_t) > 0, float("nan"), 0.0).to(dtype)[:, None]
 
     @torch.inference_mode()
     def step(self, sids: np.ndarray, tokens, adapter_off: np.ndarray | None = None) -> torch.Tensor:
@@ -231,13 +230,13 @@ class DoctorRunner:
             if key is not None:
                 out, sids_t = self.static.step(sids, ids, totals, lora_off, key)
                 self.lengths[sids] = totals
-                return self._guard(out, sids_t)
-        out, sids_t = self._packed_step(sids, counts, ids, cached, lora_off)
+                return out.add_(self._nan_if_poisoned(sids_t, out.dtype))
+        out = self._packed_step(sids, counts, ids, cached, lora_off)
         self.lengths[sids] = totals
-        return self._guard(out, sids_t)
+        return out
 
     def _packed_step(self, sids, counts, ids, cached, lora_off):
-        """The packed forward of a step: ``(log-probs, sids on the device)``."""
+        """The packed forward of a step: each stream's log-probs (NaN for a poisoned stream)."""
         d, dev = self.dec, self.device
         tables = self.block_table[sids]
         plan = plan_step(counts, cached, tables, self.block_size,
@@ -275,9 +274,10 @@ class DoctorRunner:
                 groups = self.paged.layout(plan.stream[s], plan.pos[s], tables)
             h = self._forward_pass(groups, tok_ids[s], pos_t[s], write_t[s], None if tok_on is None else tok_on[s])
             self.last_hidden.index_copy_(0, last_sid_t, h.index_select(0, last_t))
-        last = self.last_hidden.index_select(0, sids_t)
+        # a poisoned stream's hidden state becomes NaN, and so its whole row, at the cost of [rows, hidden]
+        last = self.last_hidden.index_select(0, sids_t).add_(self._nan_if_poisoned(sids_t, self.dtype))
         logits = d.lm_head(rms_norm(d.norm, last, d.cpu_ops), on_rows)
-        return torch.log_softmax(logits.float(), dim=-1), sids_t
+        return torch.log_softmax(logits.float(), dim=-1)
 
     def _forward_pass(self, groups, ids, pos, write, on):
         """The decoder over one pass's packed tokens; returns their last hidden states ``[P, hidden]``.
