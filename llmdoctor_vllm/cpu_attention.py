@@ -5,8 +5,8 @@ paged cache (``cpu_attn_reshape_and_cache`` writes a step's keys and values into
 runner uses the same two kernels where the build has them: each stream's keys are read in place
 through its block table, with no per-step gather of keys into a padded batch, no mask tensor and
 no tile groups; a pass is described by where each stream's queries start, how many keys each
-stream has, and their block tables. On the real model this cut the doctor's decode step at batch
-32 to below the patient's own (see ``benchmarks/results/throughput_real.json``).
+stream has, and their block tables. On the real model this brought a LoRA doctor's decode step at
+batch 32 down to the patient's own (``benchmarks/results/throughput_real.json``).
 
 The kernel reads a whole block for the keys at its end, so a block is zeroed when a stream takes
 it (:meth:`DoctorRunner._reserve`): what its last owner left (NaN included) never enters another
