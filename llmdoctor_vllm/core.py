@@ -420,27 +420,29 @@ class GuidanceCore:
         """The guided rows (a NaN or blocked row: the patient's own), their row indices (``None``: every
         row of ``logits``, in order), and which rows are blocked."""
         st = self.state
-        rows_t, slots_t, alpha, log_min_p = self._batch_tensors(rows, slots, logits.device)
+        rows_t, slots_t, alpha, log_min_p, any_zero_alpha = self._batch_tensors(rows, slots, logits)
         # a NaN anywhere in a row makes its sum NaN: one reduction instead of a [G, V] mask
         blocked = st.blocked.index_select(0, slots_t) | torch.isnan(terms.sum(dim=1))
         st.blocked.index_copy_(0, slots_t, blocked)  # a row that could not be guided stays unguided
-        whole = len(rows) == logits.shape[0] and bool((rows == np.arange(len(rows))).all())
-        patient = logits if whole else logits.index_select(0, rows_t)
-        alphas = st.alpha[slots]
-        guided = combine(patient, None if (alphas == 1).all() else alpha, terms, self.valid_vocab, log_min_p,
-                         any_zero_alpha=bool((alphas == 0).any())).to(logits.dtype)
-        return torch.where(blocked[:, None], patient, guided), None if whole else rows_t, blocked
+        patient = logits if rows_t is None else logits.index_select(0, rows_t)
+        guided = combine(patient, alpha, terms, self.valid_vocab, log_min_p, any_zero_alpha).to(logits.dtype)
+        return torch.where(blocked[:, None], patient, guided), rows_t, blocked
 
-    def _batch_tensors(self, rows: np.ndarray, slots: np.ndarray, dev: torch.device) -> tuple:
-        """``rows`` and ``slots`` on the device, and the slots' alpha and log(patient_min_p) (``None``
-        when no slot restricts the support): built when the batch changes, reused while it does not."""
-        key = (rows.tobytes(), slots.tobytes(), self.state.version)
+    def _batch_tensors(self, rows: np.ndarray, slots: np.ndarray, logits: torch.Tensor) -> tuple:
+        """Built when the batch changes, reused while it does not: ``rows`` on the device (``None``
+        when they are every row of ``logits`` in order), ``slots`` on the device, the slots' alpha
+        (``None`` when every one is 1) and log(patient_min_p) (``None`` when no slot restricts the
+        support), and whether some slot's alpha is 0."""
+        key = (rows.tobytes(), slots.tobytes(), self.state.version, logits.shape[0])
         if self._batch_key != key:
             st = self.state
-            rows_t, slots_t = to_device(np.stack([rows, slots]).astype(np.int64), dev)
+            rows_t, slots_t = to_device(np.stack([rows, slots]).astype(np.int64), logits.device)
+            whole = len(rows) == logits.shape[0] and bool((rows == np.arange(len(rows))).all())
             weights = st.device_weights().index_select(0, slots_t)
+            alphas = st.alpha[slots]
             log_min_p = weights[:, 1].contiguous() if st.patient_min_p[slots].any() else None
-            self._batch = rows_t, slots_t, weights[:, 0].contiguous(), log_min_p
+            alpha = None if (alphas == 1).all() else weights[:, 0].contiguous()
+            self._batch = None if whole else rows_t, slots_t, alpha, log_min_p, bool((alphas == 0).any())
             self._batch_key = key
         return self._batch
 

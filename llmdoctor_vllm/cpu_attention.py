@@ -20,21 +20,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-SUPPORTED_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-
-
-def _kernels():
-    """vLLM's CPU attention ops, or ``None`` where this build lacks them."""
-    try:
-        from vllm import _custom_ops as ops
-    except ImportError:
-        return None
-    need = ("cpu_attention_with_kv_cache", "cpu_attn_reshape_and_cache", "get_scheduler_metadata")
-    if not all(hasattr(torch.ops._C, n) for n in need):
-        return None
-    return ops
-
-
 @dataclass
 class PassLayout:
     """The streams of one pass as the kernel reads them (int32 tensors, built once per pass)."""
@@ -63,15 +48,12 @@ class CpuPagedAttention:
         a build without the kernels, a head size or dtype it does not take)."""
         from llmdoctor_vllm.vllm_internals import cpu_attention_isa
 
-        if device.type != "cpu" or dec.cpu_ops is None or dec.head_dim not in SUPPORTED_HEAD_SIZES:
+        ops = dec.cpu_ops  # vLLM's CPU ops, where the doctor already runs on them
+        if device.type != "cpu" or ops is None or not all(
+                hasattr(torch.ops._C, n) for n in ("cpu_attention_with_kv_cache", "cpu_attn_reshape_and_cache")):
             return None
-        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            return None
-        ops = _kernels()
-        isa = cpu_attention_isa(dtype, block_size, dec.head_dim) if ops is not None else None
-        if isa is None:
-            return None
-        return cls(ops, isa, dec.num_heads, dec.num_kv_heads, dec.head_dim, block_size, dtype)
+        isa = cpu_attention_isa(dtype, block_size, dec.head_dim)
+        return None if isa is None else cls(ops, isa, dec.num_heads, dec.num_kv_heads, dec.head_dim, block_size, dtype)
 
     def pool_shape(self, num_layers: int, num_blocks: int) -> tuple[int, ...]:
         return (num_layers, num_blocks, self.num_kv_heads, 2 * self.block_size, self.head_dim)

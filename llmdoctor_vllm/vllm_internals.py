@@ -107,10 +107,13 @@ def pipeline_stages(vllm_config) -> int:
 
 def cpu_attention_isa(dtype, block_size: int, head_dim: int) -> str | None:
     """The instruction set vLLM's CPU attention backend picks for this cache (its ``_get_attn_isa``),
-    or ``None`` where this vLLM has no such backend."""
+    or ``None`` where this vLLM has no such backend or it takes no such head size or dtype."""
     try:
-        from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
     except ImportError:
+        return None
+    if head_dim not in CPUAttentionBackend.get_supported_head_sizes() or \
+            dtype not in CPUAttentionBackend.supported_dtypes:
         return None
     try:
         return _get_attn_isa(dtype, block_size, head_dim)
