@@ -8,7 +8,9 @@ bookkeeping into ``add`` / ``remove`` / ``move`` and ``apply(logits, rows, slots
 Every per-row decision that changes what is sampled is a function of the batch's data, never of
 timing, so tensor-parallel ranks (each samples its own token) decide alike: a row whose doctor
 cannot guide it (a NaN row, e.g. a prompt id past the doctor's embedding) is replaced on the
-device by ``torch.where``; the host reads those flags later, for the log only.
+device by ``torch.where``; the host reads those flags later, for the log only. A fault that can
+strike one rank alone (an out-of-memory in its doctor forward) is agreed on: a request stays
+guided only where every rank guided it.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from llmdoctor_vllm.config import EngineGuidance, GuidanceConfigError
 from llmdoctor_vllm.device import to_device
 from llmdoctor_vllm.runner import DoctorCacheFull, DoctorRunner
 from llmdoctor_vllm.slots import SlotState
-from llmdoctor_vllm.vllm_internals import pipeline_stages
+from llmdoctor_vllm.vllm_internals import pipeline_stages, tensor_parallel_agreement
 
 logger = init_logger("vllm.llmdoctor")  # under vLLM's logger tree, so INFO lines print where vLLM's do
 
@@ -175,6 +177,7 @@ class GuidanceCore:
         self.parked: dict = {}  # key -> [_Parked]: requests left out of a step
         self.steps = 0
         self._batch_key, self._batch = None, None  # see _batch_tensors
+        self._agree = tensor_parallel_agreement()  # None without tensor parallelism
         self.stats_path = os.environ.get("LLMDOCTOR_STATS_FILE")  # test hook, not an operator setting
 
     def _budget(self, patient_tokens: int | None, source: str, per_request: int, max_len: int):
@@ -379,8 +382,26 @@ class GuidanceCore:
         """
         self.steps += 1
         self._log_nan_rows()
+        asked = slots
+        guided_rows, rows_t, bad, rows, slots = self._guide(logits, rows, slots, new_tokens)
+        if self._agree is not None:  # tensor-parallel ranks sample alike only if they guide alike
+            guided_rows, rows_t, bad, slots = self._agree_across_ranks(asked, guided_rows, rows_t, bad, rows, slots)
+        if guided_rows is None:
+            return logits
+        # the one write into vLLM's logits, after everything that can fail
+        if rows_t is None:  # every row, in order
+            logits.copy_(guided_rows)
+        else:
+            logits[rows_t] = guided_rows
+        self._watch_nan(bad, slots)
+        return logits
+
+    def _guide(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, new_tokens: TokenSource) -> tuple:
+        """This worker's guided rows for ``slots`` (``None``: none) with their row indices and blocked
+        flags (see :meth:`_combine`), and the rows and slots still guided after this step's faults."""
         st = self.state
         done: dict = {}  # doctor -> (slots, weighted log-probs) already computed in this step
+        nothing = None, None, None, rows[:0], slots[:0]
         # every retry frees something or unguides someone, so this ends
         for _ in range(len(self.doctors) + 2 * self.max_slots + sum(map(len, self.parked.values())) + 4):
             try:
@@ -397,24 +418,38 @@ class GuidanceCore:
             keep = st.guided[slots]
             rows, slots = rows[keep], slots[keep]
             if not len(rows):
-                return logits
+                return nothing
         else:
-            return logits
+            return nothing
         if terms is None:
-            return logits
+            return nothing
         st.last_used[slots] = self.steps
         try:  # the [G, V] float32 tail: an OOM here must not reach vLLM's sampler
             guided_rows, rows_t, bad = self._combine(logits, rows, slots, terms)
         except Exception as e:  # noqa: BLE001
             self._unguide(slots, f"combining the doctors' terms failed ({e!r})")
-            return logits
-        # the one write into vLLM's logits, after everything that can fail
-        if rows_t is None:  # every row, in order
-            logits.copy_(guided_rows)
-        else:
-            logits[rows_t] = guided_rows
-        self._watch_nan(bad, slots)
-        return logits
+            return nothing
+        return guided_rows, rows_t, bad, rows, slots
+
+    def _agree_across_ranks(self, asked: np.ndarray, guided_rows, rows_t, bad, rows: np.ndarray,
+                            slots: np.ndarray) -> tuple:
+        """Keeps a row guided only if every tensor-parallel rank guided it this step.
+
+        Each rank samples its own token from its own copy of the logits, so a fault on one rank
+        alone (an out-of-memory in its doctor forward) must unguide the request on all of them.
+        One all-reduce of a flag per row over vLLM's CPU group; no device sync.
+        """
+        agreed = self._agree(self.state.guided[asked])
+        lost = asked[self.state.guided[asked] & ~agreed]
+        if not len(lost):
+            return guided_rows, rows_t, bad, slots
+        self._unguide(lost, "another tensor-parallel rank could not guide it this step")
+        keep = np.flatnonzero(self.state.guided[slots])
+        if not len(keep):
+            return None, None, None, slots[:0]
+        index = to_device(keep, guided_rows.device)
+        return (guided_rows.index_select(0, index), to_device(rows[keep], guided_rows.device),
+                bad.index_select(0, index), slots[keep])
 
     def _combine(self, logits: torch.Tensor, rows: np.ndarray, slots: np.ndarray, terms: torch.Tensor):
         """The guided rows (a NaN or blocked row: the patient's own), their row indices (``None``: every

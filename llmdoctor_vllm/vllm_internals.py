@@ -11,6 +11,7 @@ the private structure it reads is not there, and its caller says in the log what
   shares with the processor's view (``gc.get_referrers``).
 - :func:`join_output_thread`: the multi-process client's ``engine_core.output_queue_thread``.
 - :func:`is_last_pipeline_stage`: vLLM's pipeline-parallel group.
+- :func:`tensor_parallel_agreement`: vLLM's tensor-parallel group and its CPU process group.
 - :func:`cpu_attention_isa`: the CPU attention backend's choice of kernel variant.
 """
 
@@ -98,6 +99,31 @@ def is_last_pipeline_stage() -> bool:
         return get_pp_group().is_last_rank
     except (AssertionError, ImportError, AttributeError):
         return True
+
+
+def tensor_parallel_agreement() -> Callable[[np.ndarray], np.ndarray] | None:
+    """A function that ANDs a vector of per-row flags over this worker's tensor-parallel ranks, or
+    ``None`` without tensor parallelism. It all-reduces over vLLM's CPU (gloo) group of the tensor-
+    parallel ranks, so it waits for the other ranks but never for the device."""
+    try:
+        import torch.distributed as dist
+        from vllm.distributed import get_tp_group
+
+        group = get_tp_group()
+    except (AssertionError, ImportError, AttributeError):
+        return None
+    cpu_group = getattr(group, "cpu_group", None)
+    if getattr(group, "world_size", 1) <= 1 or cpu_group is None:
+        return None
+
+    def agree(flags: np.ndarray) -> np.ndarray:
+        import torch
+
+        out = torch.from_numpy(np.ascontiguousarray(flags, dtype=np.uint8))
+        dist.all_reduce(out, op=dist.ReduceOp.MIN, group=cpu_group)
+        return out.numpy().astype(bool)
+
+    return agree
 
 
 def pipeline_stages(vllm_config) -> int:
