@@ -61,10 +61,12 @@ class CpuPagedAttention:
     def layout(self, stream: np.ndarray, pos: np.ndarray, tables: np.ndarray) -> PassLayout:
         """The layout of a pass whose packed tokens belong to ``stream`` (one run per stream) at
         positions ``pos``; ``tables[s]`` is the block table of stream ``s``."""
-        starts = np.flatnonzero(np.r_[True, stream[1:] != stream[:-1]])
-        ends = np.r_[starts[1:], len(stream)]
-        qsl = torch.from_numpy(np.r_[starts, len(stream)].astype(np.int32))
-        seq = torch.from_numpy((pos[ends - 1] + 1).astype(np.int32))
+        first = np.ones(len(stream), dtype=bool)
+        first[1:] = stream[1:] != stream[:-1]
+        starts = np.flatnonzero(first)
+        bounds = np.append(starts, len(stream)).astype(np.int32)
+        qsl = torch.from_numpy(bounds)
+        seq = torch.from_numpy((pos[bounds[1:] - 1] + 1).astype(np.int32))
         table = torch.from_numpy(np.ascontiguousarray(tables[stream[starts]], dtype=np.int32))
         scheduler = self.ops.cpu_attn_get_scheduler_metadata(
             num_reqs=len(starts), num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from vllm.logger import init_logger
 
 from llmdoctor_vllm.device import to_device
-from llmdoctor_vllm.layers import additive_mask, forward_layers, rms_norm, rope_tables
+from llmdoctor_vllm.layers import additive_mask, forward_layers, rms_norm, table_rotation
 
 logger = init_logger("vllm.llmdoctor")
 
@@ -164,7 +164,7 @@ class StaticDecode:
         read = torch.where(mask & valid[:, None], read, r.zero_row).view(-1)
         write = torch.where(valid, tables.gather(1, (pos // bs)[:, None])[:, 0] * bs + pos % bs, r.sink_row)
         on = on.to(r.dtype)[:, None] if d.lora else None
-        cos, sin = rope_tables(d, r.cos.index_select(0, pos), r.sin_signed.index_select(0, pos))
+        rotate = table_rotation(d, r.cos.index_select(0, pos), r.sin_signed.index_select(0, pos))
         mask = additive_mask(mask[:, None, None], r.dtype)
 
         def attend(li, q, kv_new):
@@ -176,6 +176,6 @@ class StaticDecode:
                                                enable_gqa=d.num_heads != d.num_kv_heads)
             return o.reshape(B, -1)
 
-        h = forward_layers(d, d.embed(ids), cos, sin, on, attend)
+        h = forward_layers(d, d.embed(ids), rotate, on, attend)
         self.hidden[:B].copy_(h)
         self.logprobs[:B].copy_(torch.log_softmax(d.lm_head(rms_norm(d.norm, h, d.cpu_ops), on).float(), dim=-1))

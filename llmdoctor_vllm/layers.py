@@ -6,11 +6,11 @@
 so a layer is a handful of large ops whatever the adapter. The fused weights are the originals'
 storage: the model's own modules become views of them and keep working. The packed runner
 (:mod:`llmdoctor_vllm.runner`) and the static decode step (:mod:`llmdoctor_vllm.decode_graphs`)
-both run their layers through :func:`forward_layers`, each with its own attention.
+both run their layers through :func:`forward_layers`, each with its own attention and rotation.
 
 On CPU, the doctor runs on the kernels vLLM's CPU build runs the patient with: oneDNN matmuls over
 prepacked weights (for a LoRA doctor, the base weights merged with the adapter), the fused
-residual-add RMSNorm and SiLU-and-mul. The prepacked copies cost one more copy of the doctor's
+residual-add RMSNorm, SiLU-and-mul and rotary embedding. The prepacked copies cost one more copy of the doctor's
 weights in host memory.
 
 A projection runs its LoRA adapter on every row (``on=None``) or scaled per row by a 0/1 factor
@@ -33,7 +33,7 @@ def _vllm_cpu_ops():
     except ImportError:
         return None
     ok = getattr(ops, "_supports_onednn", False) and all(
-        hasattr(torch.ops._C, n) for n in ("rms_norm", "fused_add_rms_norm", "silu_and_mul"))
+        hasattr(torch.ops._C, n) for n in ("rms_norm", "fused_add_rms_norm", "silu_and_mul", "rotary_embedding"))
     return ops if ok else None
 
 
@@ -90,6 +90,7 @@ class Proj:
     lora_bt: torch.Tensor | None = None
     modules: list | None = None
     packed: object = None
+    mm: object = None  # the kernel that multiplies by ``packed`` (vLLM's ``onednn_mm``)
 
     def __call__(self, x: torch.Tensor, on: torch.Tensor | None = None) -> torch.Tensor:
         """``x`` ``[T, in]`` -> ``[T, out]``, the adapter per row as ``on`` says (see the module doc)."""
@@ -97,7 +98,7 @@ class Proj:
             outs = [_module_linear(m, x, on) for m in self.modules]
             return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
         if self.packed is not None:
-            out = _vllm_cpu_ops().onednn_mm(self.packed, x, self.bias)
+            out = self.mm(self.packed, x, self.bias)
             if self.lora_a is None or on is None:
                 return out
             return out.addmm_(F.linear(x, self.lora_a) * (on - 1), self.lora_bt)
@@ -112,7 +113,7 @@ class Proj:
         if self.modules is not None or self.weight.device.type != "cpu":
             return
         merged = self.weight if self.lora_a is None else self.weight + self.lora_bt.t() @ self.lora_a
-        self.packed = ops.create_onednn_mm(merged.t(), 32)
+        self.packed, self.mm = ops.create_onednn_mm(merged.t(), 32), ops.onednn_mm
 
 
 def _fuse(modules: list) -> Proj:
@@ -272,16 +273,38 @@ def additive_mask(mask: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
-def rope_tables(d: Decoder, cos: torch.Tensor, sin_signed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token rotary tables ``[T, heads + 2 kv_heads, head_dim]`` over a layer's fused q/k/v heads
-    (the value heads get the identity), from ``cos``/``sin_signed`` ``[T, head_dim]`` (see
-    :func:`signed_sin`): built once per step, so each layer rotates its queries and keys in one pass."""
+def table_rotation(d: Decoder, cos: torch.Tensor, sin_signed: torch.Tensor):
+    """Rotates a layer's fused q/k/v heads ``[T, heads + 2 kv_heads, head_dim]`` by per-token tables
+    ``cos``/``sin_signed`` ``[T, head_dim]`` (see :func:`signed_sin`); the value heads get the
+    identity. The ``[T, heads + 2 kv_heads, head_dim]`` tables are built once per step, so each
+    layer rotates its queries and keys in one pass."""
     T, nq, nkv = cos.shape[0], d.num_heads, d.num_kv_heads
     ones = cos.new_ones(()).expand(T, nkv, cos.shape[-1])
     zeros = cos.new_zeros(()).expand(T, nkv, cos.shape[-1])
     c = torch.cat([cos[:, None].expand(T, nq + nkv, -1), ones], dim=1)
     s = torch.cat([sin_signed[:, None].expand(T, nq + nkv, -1), zeros], dim=1)
-    return c, s
+    return lambda x: rope(x, c, s)
+
+
+def rotary_cache(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``[positions, head_dim]``: each position's cos then sin over half the head, the table vLLM's
+    ``rotary_embedding`` kernel reads, from the model's own ``[positions, head_dim]`` cos and sin."""
+    half = cos.shape[-1] // 2
+    return torch.cat([cos[:, :half], sin[:, :half]], dim=-1).contiguous()
+
+
+def kernel_rotation(d: Decoder, positions: torch.Tensor, cache: torch.Tensor):
+    """Rotates a layer's fused q/k/v heads in place with vLLM's ``rotary_embedding`` kernel (one
+    call per layer, reading the queries and keys where the q/k/v matmul wrote them)."""
+    nq, nkv, hd = d.num_heads, d.num_kv_heads, d.head_dim
+    kernel = d.cpu_ops.rotary_embedding
+
+    def rotate(x):
+        flat = x.view(x.shape[0], -1)
+        kernel(positions, flat[:, :nq * hd], flat[:, nq * hd:(nq + nkv) * hd], hd, cache, True)
+        return x
+
+    return rotate
 
 
 def _add_rms_norm(d: Decoder, module, delta: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -294,14 +317,15 @@ def _add_rms_norm(d: Decoder, module, delta: torch.Tensor, h: torch.Tensor) -> t
     return h, rms_norm(module, h)
 
 
-def forward_layers(d: Decoder, h: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, on, attend):
+def forward_layers(d: Decoder, h: torch.Tensor, rotate, on, attend):
     """The decoder layers over embedded tokens ``h`` ``[T, hidden]``; returns the last hidden states
     (before the final norm). ``attend(layer_index, q, kv)`` stores a layer's new keys and values
     (``[T, 2, kv_heads, head_dim]``) and returns the attention output ``[T, heads * head_dim]``
-    for its queries ``q`` ``[T, heads, head_dim]``. ``cos``/``sin_signed`` come from :func:`rope_tables`."""
+    for its queries ``q`` ``[T, heads, head_dim]``. ``rotate`` is a :func:`table_rotation` or a
+    :func:`kernel_rotation`."""
     x = rms_norm(d.layers[0].input_norm, h, d.cpu_ops)
     for i, layer in enumerate(d.layers):
-        q, kv = layer_qkv(d, layer, x, cos, sin_signed, on)
+        q, kv = layer_qkv(d, layer, x, rotate, on)
         h, x = _add_rms_norm(d, layer.post_norm, layer.o(attend(i, q, kv), on), h)
         out = layer_mlp(d, layer, x, on)
         if i + 1 < len(d.layers):
@@ -311,16 +335,16 @@ def forward_layers(d: Decoder, h: torch.Tensor, cos: torch.Tensor, sin_signed: t
     return h
 
 
-def layer_qkv(d: Decoder, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, on):
+def layer_qkv(d: Decoder, layer: Layer, x: torch.Tensor, rotate, on):
     """Layer's attention inputs for normed hidden states ``x`` ``[T, hidden]``: the rotated queries
     ``[T, heads, head_dim]`` and the rotated keys with the values, ``[T, 2, kv_heads, head_dim]``
-    (the layout of a KV pool row). ``cos``/``sin_signed`` come from :func:`rope_tables`."""
+    (the layout of a KV pool row). ``rotate``: see :func:`forward_layers`."""
     T, nq, nkv = x.shape[0], d.num_heads, d.num_kv_heads
     x = layer.qkv(x, on).view(T, nq + 2 * nkv, d.head_dim)
     if layer.q_norm is not None:
         x = torch.cat([rms_norm(layer.q_norm, x[:, :nq]), rms_norm(layer.k_norm, x[:, nq:nq + nkv]),
                        x[:, nq + nkv:]], dim=1)
-    x = rope(x, cos, sin_signed)
+    x = rotate(x)
     return x[:, :nq], x[:, nq:].view(T, 2, nkv, d.head_dim)
 
 

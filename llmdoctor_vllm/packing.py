@@ -69,6 +69,8 @@ def plan_step(n: np.ndarray, cached: np.ndarray, tables: np.ndarray, block_size:
     (an attention kernel that reads the block tables itself needs none).
     """
     n = np.asarray(n, dtype=np.int64)
+    if not tiles and len(n) <= prefill_chunk_tokens and (n == 1).all():
+        return _decode_plan(cached, tables, block_size)
     offsets = np.concatenate([[0], np.cumsum(n)])  # where each stream's ids start in the caller's flat ids
     order = np.argsort(n, kind="stable")
     n_o = n[order]
@@ -96,6 +98,17 @@ def plan_step(n: np.ndarray, cached: np.ndarray, tables: np.ndarray, block_size:
         last = np.flatnonzero(is_last[a:b])
         passes.append(StepPass(a, b, groups, last, st[last]))
     return StepPlan(src=src, stream=stream, pos=pos, write=write, passes=passes)
+
+
+def _decode_plan(cached: np.ndarray, tables: np.ndarray, block_size: int) -> StepPlan:
+    """The plan of a step that feeds every stream one token, in one pass (no tiles): what
+    :func:`plan_step` would lay out, without its general bookkeeping (a decode step's common case)."""
+    every = np.arange(len(cached))
+    pos = np.asarray(cached, dtype=np.int64)
+    pos_c = np.minimum(pos, tables.shape[1] * block_size - 1)
+    write = tables[every, pos_c // block_size] * block_size + pos_c % block_size
+    return StepPlan(src=every, stream=every, pos=pos, write=write,
+                    passes=[StepPass(0, len(every), [], every, every)])
 
 
 def _groups(t_start, t_len, stream, pos, tables, block_size, score_budget, num_heads, key_bucket, pass_len, pad_row):

@@ -9,8 +9,9 @@ Keys and values live in a block pool sized by a token budget, so memory follows 
 actually cached, and a finished request's blocks go back to the pool.
 
 A step waits for nothing on the device: its index tensors are laid out on the host and uploaded
-once, token ids are checked against the doctor's embedding on the device (a stream fed an id the
-doctor cannot embed gets rows of NaN until it is freed, and no other stream is affected), and the
+once, token ids are checked against the doctor's embedding (on the host when they come from
+there, on the device otherwise; a stream fed an id the doctor cannot embed gets rows of NaN until
+it is freed, and no other stream is affected), and the
 keys a stream reads past its own end (its group's longer tiles, rounded key lengths) come from a
 row of zeros, so nothing another stream left in the pool, NaN included, enters its attention. The
 layer math is :mod:`llmdoctor_vllm.layers`.
@@ -26,7 +27,8 @@ import torch.nn.functional as F
 
 from llmdoctor_vllm.cpu_attention import CpuPagedAttention
 from llmdoctor_vllm.device import to_device, to_device_many
-from llmdoctor_vllm.layers import Decoder, additive_mask, forward_layers, rms_norm, rope_tables, signed_sin, unwrap_decoder
+from llmdoctor_vllm.layers import (Decoder, additive_mask, forward_layers, kernel_rotation, rms_norm, rotary_cache,
+                                   signed_sin, table_rotation, unwrap_decoder)
 from llmdoctor_vllm.packing import plan_step
 
 
@@ -112,6 +114,9 @@ class DoctorRunner:
         self.last_hidden = torch.zeros((max_streams, hidden), device=self.device, dtype=dtype)
         # per stream, how many ids it was fed that the doctor cannot embed (its rows are NaN)
         self.poisoned = torch.zeros(max_streams, device=self.device, dtype=torch.int32)
+        # per stream, on the host: whether it may be poisoned (fed ids screened on the device, or an
+        # id the host saw out of range); a step with none of these skips the NaN marking
+        self.maybe_poisoned = np.zeros(max_streams, dtype=bool)
         self.free_streams = list(range(max_streams - 1, -1, -1))
         self.free_blocks = np.arange(self.num_blocks - 1, -1, -1, dtype=np.int64)  # a stack: the top is used next
         self.num_free_blocks = self.num_blocks
@@ -122,6 +127,8 @@ class DoctorRunner:
             cos, sin = d.rotary(probe, torch.arange(max_len, device=self.device)[None])
             self.arange = torch.arange(max(max_len, 1) + _CUDA_KEY_BUCKET, device=self.device)
         self.cos, self.sin_signed = cos[0], signed_sin(sin[0])
+        # vLLM's rotary kernel's table, where the doctor runs on vLLM's CPU kernels
+        self.rotary = rotary_cache(cos[0], sin[0]) if d.cpu_ops is not None else None
         self.key_bucket = _CUDA_KEY_BUCKET if self.device.type == "cuda" else 1
         self.static = None  # decode-only steps in static buckets (see enable_static_decode)
 
@@ -158,6 +165,7 @@ class DoctorRunner:
         self.lengths[sid] = 0
         self.num_stream_blocks[sid] = 0
         self.poisoned[sid] = 0
+        self.maybe_poisoned[sid] = False
         return sid
 
     def free_stream(self, sid: int) -> None:
@@ -244,9 +252,13 @@ class DoctorRunner:
                          score_budget=self.score_budget, num_heads=d.num_heads, key_bucket=self.key_bucket,
                          pad_row=self.zero_row, tiles=self.paged is None)
         host_ids = not isinstance(ids, torch.Tensor)
+        packed_ids = np.asarray(ids, dtype=np.int64)[plan.src] if host_ids else plan.src
+        # ids on the host are checked here; ids on the device are screened there (no sync)
+        screen = not host_ids or (len(packed_ids) and (packed_ids.min() < 0 or packed_ids.max() >= d.vocab_rows))
+        if screen:
+            self.maybe_poisoned[sids[counts > 0]] = True
         # every index tensor of the step, laid out here and uploaded in one transfer
-        arrays = [sids, plan.pos, plan.write, sids[plan.stream],
-                  np.asarray(ids, dtype=np.int64)[plan.src] if host_ids else plan.src]
+        arrays = [sids, plan.pos, plan.write, sids[plan.stream], packed_ids]
         if lora_off is not None:  # 1 where the adapter applies, per stream and per packed token
             arrays += [~lora_off, ~lora_off[plan.stream]]
         for p in plan.passes:
@@ -259,7 +271,7 @@ class DoctorRunner:
         on_rows, tok_on = (next(up).to(self.dtype)[:, None] for _ in range(2)) if lora_off is not None else (None, None)
         if len(plan.src):
             tok_ids = src_t if host_ids else (ids if ids.device == dev else ids.to(dev)).index_select(0, src_t).long()
-            tok_ids = self.screen_ids(tok_ids, tok_stream_t)
+            tok_ids = self.screen_ids(tok_ids, tok_stream_t) if screen else tok_ids
         for p in plan.passes:
             last_t, last_sid_t = next(up), next(up)
             groups = []
@@ -275,7 +287,9 @@ class DoctorRunner:
             h = self._forward_pass(groups, tok_ids[s], pos_t[s], write_t[s], None if tok_on is None else tok_on[s])
             self.last_hidden.index_copy_(0, last_sid_t, h.index_select(0, last_t))
         # a poisoned stream's hidden state becomes NaN, and so its whole row, at the cost of [rows, hidden]
-        last = self.last_hidden.index_select(0, sids_t).add_(self._nan_if_poisoned(sids_t, self.dtype))
+        last = self.last_hidden.index_select(0, sids_t)
+        if self.maybe_poisoned[sids].any():
+            last.add_(self._nan_if_poisoned(sids_t, self.dtype))
         logits = d.lm_head(rms_norm(d.norm, last, d.cpu_ops), on_rows)
         return torch.log_softmax(logits.float(), dim=-1)
 
@@ -284,12 +298,15 @@ class DoctorRunner:
         ``groups``: the pass's tile groups (SDPA), or its :class:`~llmdoctor_vllm.cpu_attention.PassLayout`."""
         d = self.dec
         P, nq = ids.shape[0], d.num_heads * d.head_dim
-        cos, sin = rope_tables(d, self.cos.index_select(0, pos), self.sin_signed.index_select(0, pos))
+        if self.rotary is not None:
+            rotate = kernel_rotation(d, pos, self.rotary)
+        else:
+            rotate = table_rotation(d, self.cos.index_select(0, pos), self.sin_signed.index_select(0, pos))
         if self.paged is not None:
             def paged(li, q, kv_new):
                 return self.paged(self.kv[li], groups, q, kv_new, write, d.layers[li].scaling)
 
-            return forward_layers(d, d.embed(ids), cos, sin, on, paged)
+            return forward_layers(d, d.embed(ids), rotate, on, paged)
 
         def attend(li, q, kv_new):
             pool = self.kv[li]
@@ -302,7 +319,7 @@ class DoctorRunner:
                 o.index_copy_(0, g.scatter_to, self._attend(g, q, pool, scale).index_select(0, g.valid))
             return o
 
-        return forward_layers(d, d.embed(ids), cos, sin, on, attend)
+        return forward_layers(d, d.embed(ids), rotate, on, attend)
 
     def _attend(self, g: _Group, q: torch.Tensor, pool: torch.Tensor, scale: float) -> torch.Tensor:
         """Attention of one tile group over the pool: ``[G * Q, heads * head_dim]``."""
