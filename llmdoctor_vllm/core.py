@@ -484,11 +484,10 @@ class GuidanceCore:
     def _watch_nan(self, bad: torch.Tensor, slots: np.ndarray) -> None:
         """Queues this step's blocked-row flags for the log, without waiting for them: a copy to
         (pinned) host memory read at a later step, once it has arrived."""
-        cuda = bad.device.type == "cuda"
-        flags = torch.empty(bad.shape, dtype=torch.bool, pin_memory=cuda)
-        flags.copy_(bad, non_blocking=True)
-        event = None
-        if cuda:
+        flags, event = bad, None  # on the CPU: already host memory, written by now
+        if bad.device.type == "cuda":
+            flags = torch.empty(bad.shape, dtype=torch.bool, pin_memory=True)
+            flags.copy_(bad, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
         self._pending_nan.append((flags, slots, self.state.generation[slots].copy(), event))
@@ -526,7 +525,7 @@ class GuidanceCore:
         feed the same tokens twice.
         """
         st = self.state
-        total = None
+        total, shared = None, False  # shared: ``total`` is a doctor's own result, kept in ``done``
         for d, doc in enumerate(self.doctors):
             beta = st.betas[slots, d]
             use = np.flatnonzero(beta > 0)
@@ -538,13 +537,16 @@ class GuidanceCore:
                 lp = prev_lp.index_select(0, to_device(np.flatnonzero(np.isin(prev_slots, sl)), prev_lp.device))
             else:
                 lp = self._doctor_step(d, doc, sl, new_tokens)
-                lp.mul_(to_device(beta[use], lp.device)[:, None])
+                b = beta[use]
+                lp.mul_(float(b[0]) if (b == b[0]).all() else to_device(b, lp.device)[:, None])
                 done[d] = (sl, lp)
+            if total is None and len(use) == len(slots):
+                total, shared = lp, True
+                continue
             if total is None:
-                if len(use) == len(slots):
-                    total = lp.clone() if len(self.doctors) > 1 else lp
-                    continue
                 total = torch.zeros((len(slots), lp.shape[1]), device=lp.device, dtype=torch.float32)
+            elif shared:  # a second doctor adds to it: a copy of its own
+                total, shared = total.clone(), False
             total.index_add_(0, to_device(use, lp.device), lp)
         return total
 

@@ -51,6 +51,7 @@ class StepPlan:
     pos: np.ndarray  # [N] position of each token in its stream
     write: np.ndarray  # [N] pool row each token's key and value go to
     passes: list[StepPass]
+    one_each: bool = False  # one pass, one token per stream, in the streams' order (a decode step)
 
 
 def _runs(starts: np.ndarray, total: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,7 +109,7 @@ def _decode_plan(cached: np.ndarray, tables: np.ndarray, block_size: int) -> Ste
     pos_c = np.minimum(pos, tables.shape[1] * block_size - 1)
     write = tables[every, pos_c // block_size] * block_size + pos_c % block_size
     return StepPlan(src=every, stream=every, pos=pos, write=write,
-                    passes=[StepPass(0, len(every), [], every, every)])
+                    passes=[StepPass(0, len(every), [], every, every)], one_each=True)
 
 
 def _groups(t_start, t_len, stream, pos, tables, block_size, score_budget, num_heads, key_bucket, pass_len, pad_row):

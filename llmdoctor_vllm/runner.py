@@ -262,7 +262,8 @@ class DoctorRunner:
         if lora_off is not None:  # 1 where the adapter applies, per stream and per packed token
             arrays += [~lora_off, ~lora_off[plan.stream]]
         for p in plan.passes:
-            arrays += [p.last_token, sids[p.last_stream]]
+            if not plan.one_each:
+                arrays += [p.last_token, sids[p.last_stream]]
             for g in p.groups:
                 arrays += [g.q_index.ravel(), g.q_pos, g.read.ravel(), np.flatnonzero(g.q_valid),
                            g.q_index[g.q_valid]]
@@ -273,7 +274,7 @@ class DoctorRunner:
             tok_ids = src_t if host_ids else (ids if ids.device == dev else ids.to(dev)).index_select(0, src_t).long()
             tok_ids = self.screen_ids(tok_ids, tok_stream_t) if screen else tok_ids
         for p in plan.passes:
-            last_t, last_sid_t = next(up), next(up)
+            last_t, last_sid_t = (None, sids_t) if plan.one_each else (next(up), next(up))
             groups = []
             for g in p.groups:
                 q_index, q_pos, read, valid, scatter_to = (next(up) for _ in range(5))
@@ -285,9 +286,9 @@ class DoctorRunner:
             if self.paged is not None:
                 groups = self.paged.layout(plan.stream[s], plan.pos[s], tables)
             h = self._forward_pass(groups, tok_ids[s], pos_t[s], write_t[s], None if tok_on is None else tok_on[s])
-            self.last_hidden.index_copy_(0, last_sid_t, h.index_select(0, last_t))
+            self.last_hidden.index_copy_(0, last_sid_t, h if plan.one_each else h.index_select(0, last_t))
         # a poisoned stream's hidden state becomes NaN, and so its whole row, at the cost of [rows, hidden]
-        last = self.last_hidden.index_select(0, sids_t)
+        last = h if plan.one_each else self.last_hidden.index_select(0, sids_t)
         if self.maybe_poisoned[sids].any():
             last.add_(self._nan_if_poisoned(sids_t, self.dtype))
         logits = d.lm_head(rms_norm(d.norm, last, d.cpu_ops), on_rows)
