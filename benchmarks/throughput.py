@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=64, help="output tokens per request")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--repeats", type=int, default=5, help="timed rounds over all modes (the median is kept)")
+    p.add_argument("--repeats", type=int, default=15, help="timed rounds over all modes (the median is kept)")
     p.add_argument("--step-lengths", type=int, nargs="*", default=[256, 512, 1024, 2048],
                    help="cached lengths for the doctor step-cost table (empty to skip)")
     p.add_argument("--workdir", help="where to build the models (default: temp dir)")

@@ -37,18 +37,17 @@ class SlotState:
         pin = self.device.type == "cuda"
         self._buffer = torch.zeros(max_slots * dtype.itemsize, dtype=torch.uint8, pin_memory=pin)
         self.table = self._buffer.numpy().view(dtype)
+        # the fields as numpy views of the table: state.streams[slot, d], state.guided[slots]
+        self.guided, self.delta, self.alpha = self.table["guided"], self.table["delta"], self.table["alpha"]
+        self.patient_min_p, self.betas = self.table["patient_min_p"], self.table["betas"]
+        self.streams, self.ref_streams = self.table["streams"], self.table["ref_streams"]
+        self.generation, self.last_used = self.table["generation"], self.table["last_used"]
         self.clear(np.arange(max_slots))
         # alpha and log(patient_min_p) per slot, on the device
         self.weights = torch.zeros((max_slots, 2), device=self.device)
         self.blocked = torch.zeros(max_slots, dtype=torch.bool, device=self.device)  # no guidance possible
         self._dirty = True
         self.version = 0  # changes whenever a slot's request or weights change (per-batch caches key on it)
-
-    def __getattr__(self, name):  # the fields as numpy views: state.streams[slot, d], state.guided[slots]
-        table = self.__dict__.get("table")
-        if table is not None and name in table.dtype.names:
-            return table[name]
-        raise AttributeError(name)
 
     def clear(self, slots) -> None:
         """Empties ``slots`` (host only)."""
