@@ -47,14 +47,18 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens per request")
     p.add_argument("--output-len", type=int, default=64, help="output tokens per request")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--repeats", type=int, default=15, help="timed rounds over all modes (the median is kept)")
+    p.add_argument("--repeats", type=int, help="timed rounds over all modes, the median kept (default: 15 for the tiny "
+                   "pair, whose millisecond steps are noisy; 5 otherwise)")
     p.add_argument("--step-lengths", type=int, nargs="*", default=[256, 512, 1024, 2048],
                    help="cached lengths for the doctor step-cost table (empty to skip)")
     p.add_argument("--workdir", help="where to build the models (default: temp dir)")
     p.add_argument("--output", default="throughput", help="results name (a .json and a .png)")
     p.add_argument("--output-dir", default=None, help="where the results go (default: benchmarks/results)")
     p.add_argument("--hf-loop-worker", help=argparse.SUPPRESS)  # internal: run the HF loop in a fresh process
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.repeats is None:
+        args.repeats = 15 if args.shapes == "tiny" else 5
+    return args
 
 
 def _prompts(n, length, vocab, seed=0):
