@@ -246,6 +246,7 @@ def _ratios(rows: list[dict], batch_sizes, limit_ratio: float) -> list[dict]:
     """Per batch size: each mode's tokens/s over plain's, guided over the HF loop, and guided/plain
     against the FLOP limit."""
     by = {(r["mode"], r["batch_size"]): r["output_tokens_per_s"] for r in rows}
+    tpot = {(r["mode"], r["batch_size"]): r["tpot_ms"] for r in rows}
     ratios = []
     for b in batch_sizes:
         if ("plain", b) in by:
@@ -256,16 +257,17 @@ def _ratios(rows: list[dict], batch_sizes, limit_ratio: float) -> list[dict]:
             if ("guided", b) in by and ("hf_loop", b) in by:
                 entry["guided_over_hf_loop"] = by[("guided", b)] / by[("hf_loop", b)]
             entry["guided_over_plain_vs_limit"] = entry.get("guided_over_plain", 0) / limit_ratio
-            tpot = {(r["mode"], r["batch_size"]): r["tpot_ms"] for r in rows}
             if ("guided", b) in tpot:  # the plugin's cost per step beyond plain decoding
                 entry["guided_minus_plain_tpot_ms"] = tpot[("guided", b)] - tpot[("plain", b)]
             ratios.append(entry)
     return ratios
 
 
-def build_real_doctors(root: Path, patient: str, cut_layers: int) -> dict:
-    """Doctors of real shape for the real patient: a random LoRA adapter on its weights, and its
-    first ``cut_layers`` layers as a full doctor; returns ``{name: checkpoint}``."""
+def build_real_doctors(root: Path, patient: str, cut_layers: int, lora: str | None = None,
+                       cut_doctor: str | None = None) -> dict:
+    """Doctors of real shape for the real patient, ``{name: checkpoint}``: ``lora`` (default: a random
+    LoRA adapter on its weights) and ``cut_doctor`` (default: its first ``cut_layers`` layers as a
+    full doctor, untrained); only the ones not given are built."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -275,8 +277,10 @@ def build_real_doctors(root: Path, patient: str, cut_layers: int) -> dict:
     from llmdoctor_vllm.value_head import ValueHead
 
     tok = AutoTokenizer.from_pretrained(patient)
-    out = {"lora": build_tiny_doctor(tok, root / "lora", seed=1, lora_base=patient,
-                                     trained_for="benchmark (random LoRA adapter)")}
+    out = {"lora": lora or build_tiny_doctor(tok, root / "lora", seed=1, lora_base=patient,
+                                             trained_for="benchmark (random LoRA adapter)")}
+    if cut_doctor:
+        return {**out, "cut": cut_doctor}
     base = cut(patient, cut_layers, root / "cut_base")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     save_doctor(root / "cut", model, tok, ValueHead(model.config.hidden_size),
@@ -304,8 +308,7 @@ def run_real(args) -> dict:
     if args.threads:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0" if args.threads == 1 else f"0-{args.threads - 1}"
     work = Path(args.workdir or tempfile.mkdtemp(prefix="llmdoctor-bench-real-"))
-    doctors = build_real_doctors(work, patient, args.cut_layers)
-    doctors.update({k: v for k, v in (("lora", args.lora_doctor), ("cut", args.cut_doctor)) if v})
+    doctors = build_real_doctors(work, patient, args.cut_layers, args.lora_doctor, args.cut_doctor)
     cfg = AutoConfig.from_pretrained(patient)
     c_p = forward_flops_per_token(_real_shape(cfg))
     c_d = {"lora": c_p, "cut": forward_flops_per_token(_real_shape(cfg, args.cut_layers))}

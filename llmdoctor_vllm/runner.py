@@ -275,17 +275,16 @@ class DoctorRunner:
             tok_ids = self.screen_ids(tok_ids, tok_stream_t) if screen else tok_ids
         for p in plan.passes:
             last_t, last_sid_t = (None, sids_t) if plan.one_each else (next(up), next(up))
-            groups = []
+            tile_groups = []
             for g in p.groups:
                 q_index, q_pos, read, valid, scatter_to = (next(up) for _ in range(5))
                 G, Q = g.q_index.shape
                 L = g.read.shape[1]
                 mask = additive_mask((self.arange[:L] <= q_pos[:, :, None])[:, None], self.dtype)
-                groups.append(_Group((G, Q, L), q_index, read, mask, valid, scatter_to, g.identity))
+                tile_groups.append(_Group((G, Q, L), q_index, read, mask, valid, scatter_to, g.identity))
             s = slice(p.start, p.end)
-            if self.paged is not None:
-                groups = self.paged.layout(plan.stream[s], plan.pos[s], tables)
-            h = self._forward_pass(groups, tok_ids[s], pos_t[s], write_t[s], None if tok_on is None else tok_on[s])
+            layout = self.paged.layout(plan.stream[s], plan.pos[s], tables) if self.paged is not None else tile_groups
+            h = self._forward_pass(layout, tok_ids[s], pos_t[s], write_t[s], None if tok_on is None else tok_on[s])
             self.last_hidden.index_copy_(0, last_sid_t, h if plan.one_each else h.index_select(0, last_t))
         # a poisoned stream's hidden state becomes NaN, and so its whole row, at the cost of [rows, hidden]
         last = h if plan.one_each else self.last_hidden.index_select(0, sids_t)
@@ -294,9 +293,9 @@ class DoctorRunner:
         logits = d.lm_head(rms_norm(d.norm, last, d.cpu_ops), on_rows)
         return torch.log_softmax(logits.float(), dim=-1)
 
-    def _forward_pass(self, groups, ids, pos, write, on):
+    def _forward_pass(self, layout, ids, pos, write, on):
         """The decoder over one pass's packed tokens; returns their last hidden states ``[P, hidden]``.
-        ``groups``: the pass's tile groups (SDPA), or its :class:`~llmdoctor_vllm.cpu_attention.PassLayout`."""
+        ``layout``: the pass's tile groups (SDPA), or its :class:`~llmdoctor_vllm.cpu_attention.PassLayout`."""
         d = self.dec
         P, nq = ids.shape[0], d.num_heads * d.head_dim
         if self.rotary is not None:
@@ -305,7 +304,7 @@ class DoctorRunner:
             rotate = table_rotation(d, self.cos.index_select(0, pos), self.sin_signed.index_select(0, pos))
         if self.paged is not None:
             def paged(li, q, kv_new):
-                return self.paged(self.kv[li], groups, q, kv_new, write, d.layers[li].scaling)
+                return self.paged(self.kv[li], layout, q, kv_new, write, d.layers[li].scaling)
 
             return forward_layers(d, d.embed(ids), rotate, on, paged)
 
@@ -313,10 +312,10 @@ class DoctorRunner:
             pool = self.kv[li]
             pool.index_copy_(0, write, kv_new)
             scale = d.layers[li].scaling
-            if len(groups) == 1 and groups[0].identity:
-                return self._attend(groups[0], q, pool, scale)
+            if len(layout) == 1 and layout[0].identity:
+                return self._attend(layout[0], q, pool, scale)
             o = q.new_empty((P, nq))
-            for g in groups:
+            for g in layout:
                 o.index_copy_(0, g.scatter_to, self._attend(g, q, pool, scale).index_select(0, g.valid))
             return o
 
