@@ -160,6 +160,26 @@ def test_long_prompt_next_to_decodes_runs_in_bounded_shapes():
     assert sum(len(g.q_index) for g in decode) == 32 and max(g.read.shape[1] for g in decode) == 2049
 
 
+def test_a_decode_step_takes_the_short_path_to_the_general_layout():
+    """A step that feeds every stream one token (no tiles: the CPU kernel's case) is laid out directly;
+    its tokens, positions, pool rows and last tokens are the general plan's, and a step with a
+    longer feed still takes the general plan."""
+    bs, heads = 8, 4
+    cached = np.array([0, 7, 8, 31, 5])
+    tables = np.arange(5 * 4)[::-1].reshape(5, 4).copy()
+    kw = dict(prefill_chunk_tokens=64, q_tile=16, score_budget=1 << 20, num_heads=heads, tiles=False)
+    short = plan_step(np.ones(5, dtype=np.int64), cached, tables, bs, **kw)
+    general = plan_step(np.array([1, 1, 1, 1, 2]), np.append(cached[:4], cached[4]), tables, bs, **kw)
+    assert short.one_each and not general.one_each
+    for field in ("src", "stream", "pos", "write"):
+        np.testing.assert_array_equal(getattr(short, field), getattr(general, field)[:5])
+    p = short.passes[0]
+    assert len(short.passes) == 1 and (p.start, p.end) == (0, 5)
+    np.testing.assert_array_equal(p.last_token, np.arange(5))
+    np.testing.assert_array_equal(p.last_stream, np.arange(5))
+    np.testing.assert_array_equal(short.write, tables[np.arange(5), cached // bs] * bs + cached % bs)
+
+
 def _static_matches_packed(model, off=None, streams=5):
     """Steps the same streams through a packed runner and a static-bucket one; compares every step."""
     kw = dict(device="cpu", dtype=torch.float32, cache_tokens=2048, max_streams=8, max_len=200, block_size=8)
