@@ -439,8 +439,8 @@ class GuidanceCore:
         alone (an out-of-memory in its doctor forward) must unguide the request on all of them.
         One all-reduce of a flag per row over vLLM's CPU group; no device sync.
         """
-        agreed = self._agree(self.state.guided[asked])
-        lost = asked[self.state.guided[asked] & ~agreed]
+        here = self.state.guided[asked]
+        lost = asked[here & ~self._agree(here)]
         if not len(lost):
             return guided_rows, rows_t, bad, slots
         self._unguide(lost, "another tensor-parallel rank could not guide it this step")
@@ -482,8 +482,9 @@ class GuidanceCore:
         return self._batch
 
     def _watch_nan(self, bad: torch.Tensor, slots: np.ndarray) -> None:
-        """Queues this step's blocked-row flags for the log, without waiting for them: a copy to
-        (pinned) host memory read at a later step, once it has arrived."""
+        """Queues this step's blocked-row flags for the log, without waiting for them: on a GPU a
+        copy to pinned host memory, read at a later step once it has arrived; on the CPU the flags
+        themselves."""
         flags, event = bad, None  # on the CPU: already host memory, written by now
         if bad.device.type == "cuda":
             flags = torch.empty(bad.shape, dtype=torch.bool, pin_memory=True)

@@ -10,8 +10,8 @@ both run their layers through :func:`forward_layers`, each with its own attentio
 
 On CPU, the doctor runs on the kernels vLLM's CPU build runs the patient with: oneDNN matmuls over
 prepacked weights (for a LoRA doctor, the base weights merged with the adapter), the fused
-residual-add RMSNorm, SiLU-and-mul and rotary embedding. The prepacked copies cost one more copy of the doctor's
-weights in host memory.
+residual-add RMSNorm, SiLU-and-mul and rotary embedding. The prepacked copies cost one more copy
+of the doctor's weights in host memory.
 
 A projection runs its LoRA adapter on every row (``on=None``) or scaled per row by a 0/1 factor
 (``on`` a float ``[T, 1]`` tensor: 0 on the delta rule's reference rows, which run the base weights).

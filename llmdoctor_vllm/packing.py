@@ -80,9 +80,7 @@ def plan_step(n: np.ndarray, cached: np.ndarray, tables: np.ndarray, block_size:
     j = np.arange(total) - np.repeat(np.concatenate([[0], np.cumsum(n_o)])[:-1], n_o)  # index within the stream's run
     src = offsets[stream] + j
     pos = cached[stream] + j
-    max_pos = tables.shape[1] * block_size - 1
-    pos_c = np.minimum(pos, max_pos)
-    write = tables[stream, pos_c // block_size] * block_size + pos_c % block_size
+    write = _pool_rows(tables, stream, pos, block_size)
     is_last = j == n[stream] - 1
     passes = []
     for a in range(0, total, prefill_chunk_tokens):
@@ -101,14 +99,19 @@ def plan_step(n: np.ndarray, cached: np.ndarray, tables: np.ndarray, block_size:
     return StepPlan(src=src, stream=stream, pos=pos, write=write, passes=passes)
 
 
+def _pool_rows(tables: np.ndarray, stream: np.ndarray, pos: np.ndarray, block_size: int) -> np.ndarray:
+    """The pool row of each token: position ``pos`` of stream ``stream`` (a position past the last
+    block of the table is clamped into it; the runner refuses such a stream before it writes)."""
+    pos_c = np.minimum(pos, tables.shape[1] * block_size - 1)
+    return tables[stream, pos_c // block_size] * block_size + pos_c % block_size
+
+
 def _decode_plan(cached: np.ndarray, tables: np.ndarray, block_size: int) -> StepPlan:
     """The plan of a step that feeds every stream one token, in one pass (no tiles): what
     :func:`plan_step` would lay out, without its general bookkeeping (a decode step's common case)."""
     every = np.arange(len(cached))
     pos = np.asarray(cached, dtype=np.int64)
-    pos_c = np.minimum(pos, tables.shape[1] * block_size - 1)
-    write = tables[every, pos_c // block_size] * block_size + pos_c % block_size
-    return StepPlan(src=every, stream=every, pos=pos, write=write,
+    return StepPlan(src=every, stream=every, pos=pos, write=_pool_rows(tables, every, pos, block_size),
                     passes=[StepPass(0, len(every), [], every, every)], one_each=True)
 
 

@@ -254,7 +254,8 @@ class DoctorRunner:
         host_ids = not isinstance(ids, torch.Tensor)
         packed_ids = np.asarray(ids, dtype=np.int64)[plan.src] if host_ids else plan.src
         # ids on the host are checked here; ids on the device are screened there (no sync)
-        screen = not host_ids or (len(packed_ids) and (packed_ids.min() < 0 or packed_ids.max() >= d.vocab_rows))
+        screen = not host_ids or bool(len(packed_ids)) and bool(
+            packed_ids.min() < 0 or packed_ids.max() >= d.vocab_rows)
         if screen:
             self.maybe_poisoned[sids[counts > 0]] = True
         # every index tensor of the step, laid out here and uploaded in one transfer
